@@ -1,0 +1,53 @@
+"""The ``fullslide`` command line: one subcommand per job, each a thin call into the library.
+
+Subcommands are registered explicitly from three small modules (slide I/O, engine, application);
+heavy imports (torch, slide libraries) happen inside the command functions, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from fullslide import __version__
+from fullslide.errors import FullslideError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand attached."""
+    from fullslide.cli import app_cmds, engine_cmds, io_cmds
+
+    parser = argparse.ArgumentParser(
+        prog="fullslide",
+        description="Exact end-to-end training on whole-slide images.",
+    )
+    parser.add_argument("--version", action="version", version=f"fullslide {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (io_cmds, engine_cmds, app_cmds):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FullslideError as exc:
+        print(f"fullslide {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fullslide {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

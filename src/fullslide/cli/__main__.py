@@ -1,0 +1,5 @@
+import sys
+
+from fullslide.cli import main
+
+sys.exit(main())
