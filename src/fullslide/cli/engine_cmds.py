@@ -1,9 +1,96 @@
-"""Subcommands: placeholder until this area lands."""
+"""Subcommand ``check-grad``: rerun the engine's equivalence proof on your own hardware."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _str_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}, got {text!r}")
+        return values
+
+    return parse
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Attach this module's subcommands to the top-level parser."""
+    """Attach ``check-grad``."""
+    p = sub.add_parser(
+        "check-grad",
+        help="prove every memory mode and process layout gives the single-process gradient",
+        description="Compare encoder and aggregator gradients (step 1) and parameters after --steps SGD (momentum 0.9) steps "
+        "of every configuration with the single-process 'full' reference; exits 1 if any relative error "
+        "exceeds --tol. Launches the processes itself (gloo on CPU, NCCL on GPUs).",
+    )
+    p.add_argument("--encoder", default="tinycnn", help="encoder name: tinycnn, a timm name, or package.module:callable")
+    p.add_argument("--weights", default=None, help="local encoder weights (.safetensors/.pth/.bin)")
+    p.add_argument("--aggregator", default="gma", help="gma, abmil, mean, max, transformer or package.module:callable")
+    p.add_argument("--tile-size", type=int, default=32, help="tile side in pixels")
+    p.add_argument("--tiles", type=_int_list, default=[24, 17, 9, 30], help="K per slide, comma-separated, cycled")
+    p.add_argument("--slides", type=int, default=4, help="slides per step")
+    p.add_argument("--chunk", type=int, default=8, help="tiles encoded at once")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--nproc", type=_int_list, default=[1, 2, 4], help="process counts to check, e.g. 1,2,4")
+    p.add_argument("--mode", type=_str_list(("full", "checkpoint", "recompute")),
+                   default=["full", "checkpoint", "recompute"], help="memory modes, comma-separated")
+    p.add_argument("--tile-parallel", type=_int_list, default=None,
+                   help="tile-parallel degrees to check (default: every divisor of each process count)")
+    p.add_argument("--steps", type=int, default=3, help="SGD steps before comparing parameters")
+    p.add_argument("--drop-rate", type=float, default=0.1, help="encoder dropout (exercises RNG replay)")
+    p.add_argument("--drop-path-rate", type=float, default=0.1, help="encoder drop-path, for models that have it")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tol", type=float, default=None,
+                   help="max relative error (default 1e-5 in float32, 1e-2 in bfloat16/float16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_check_grad)
+
+
+def cmd_check_grad(args: argparse.Namespace) -> int:
+    import torch
+
+    from fullslide.engine.checkgrad import CheckSpec, run_checks
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and max(args.nproc) > torch.cuda.device_count():
+        print(f"fullslide check-grad: error: --nproc {max(args.nproc)} needs as many GPUs; "
+              f"{torch.cuda.device_count()} visible (use --device cpu for gloo on CPU)", file=sys.stderr)
+        return 2
+    tol = args.tol if args.tol is not None else (1e-5 if args.dtype == "float32" else 1e-2)
+    spec = CheckSpec(
+        encoder=args.encoder, aggregator=args.aggregator, weights=args.weights, tile_px=args.tile_size,
+        tiles=args.tiles, slides=args.slides, chunk_tiles=args.chunk, dtype=args.dtype, drop_rate=args.drop_rate,
+        drop_path_rate=args.drop_path_rate, steps=args.steps, seed=args.seed, device=device, modes=args.mode,
+        tile_parallel=args.tile_parallel,
+    )
+    rows, ref_peak = run_checks(spec, args.nproc, tol, progress=lambda m: print(m, file=sys.stderr))
+    ks = ",".join(str(spec.k_of(i)) for i in range(spec.slides))
+    print(f"encoder={spec.encoder} aggregator={spec.aggregator} tile={spec.tile_px}px K=[{ks}] chunk={spec.chunk_tiles} "
+          f"dtype={spec.dtype} device={device} steps={spec.steps} tol={tol:g}")
+    mem = "peak_cuda_MB" if device == "cuda" else "peak_rss_MB"
+    header = f"{'nproc':>5} {'tile_par':>8} {'groups':>6} {'mode':<10} {'enc_grad':>10} {'agg_grad':>10} " \
+             f"{'params':>10} {mem:>13}  status"
+    print(header)
+    print(f"{1:>5} {1:>8} {1:>6} {'reference':<10} {0:>10.1e} {0:>10.1e} {0:>10.1e} {ref_peak:>13.1f}  ref")
+    for r in rows:
+        status = "ok" if r.ok else ("FAIL " + r.error if r.error else "FAIL")
+        print(f"{r.nproc:>5} {r.tile_parallel:>8} {r.slide_groups:>6} {r.mode:<10} {r.encoder_grad:>10.1e} "
+              f"{r.aggregator_grad:>10.1e} {r.params:>10.1e} {r.peak_mb:>13.1f}  {status}")
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)}/{len(rows)} configurations within tolerance {tol:g}")
+    return 1 if failed else 0

@@ -1,0 +1,298 @@
+"""The public engine API: one training step's exact gradient, and memory-bounded inference.
+
+``step`` accumulates into ``.grad`` exactly the gradient of ``loss_fn(logits of all slides of the step,
+targets)`` - for ``cross_entropy`` that is the mean slide loss - whatever the memory mode, the chunk size, the
+number of processes and their layout. The phases, each a named function below:
+
+1. encode     this rank's tiles, chunk by chunk (graph kept, checkpointed, or none: ``mode``);
+2. gather     features inside the tile-parallel group -> every rank holds ``[K, D]`` of its slides;
+3. aggregate  every slide on every rank of its group (replicated: no idle rank, no scatter), exchange the
+              step's logits over the world, compute the loss, backpropagate to the aggregator and to the
+              features (dLoss/dFeatures, ``[K, D]``);
+4. backward   through the encoder with this rank's slice of dLoss/dFeatures (re-encoding chunk by chunk in
+              ``recompute`` mode);
+5. reduce     gradients over the world, so every rank ends with the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from fullslide.engine import recompute
+from fullslide.engine.collectives import ParallelContext, all_gather_rows, all_reduce_gradients, share_rows
+from fullslide.engine.mesh import chunk_bounds, rank_chunk_range, rank_tile_range
+from fullslide.engine.recompute import MODES, Mode, autocast_ctx
+from fullslide.engine.rng import AGGREGATOR_CHUNK, derive_seed, seeded
+from fullslide.errors import FullslideError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(FullslideError):
+    """The step's loss is NaN or infinite; no gradient was accumulated."""
+
+
+@dataclass
+class Bag:
+    """One slide of a step, as this rank holds it.
+
+    ``tiles`` is this rank's share ``[k_local, 3, H, W]`` (uint8 0-255 or float 0-1) of a slide with
+    ``k_total`` tiles over its tile-parallel group (see :func:`fullslide.engine.rank_tile_range`); with one
+    process it is simply all K tiles. ``features`` ``[k_local, D]`` may replace ``tiles`` (frozen encoder).
+    ``index`` is the slide's row in the step's ``targets``.
+    """
+
+    index: int
+    tiles: torch.Tensor | None = None
+    k_total: int | None = None
+    features: torch.Tensor | None = None
+
+    @property
+    def k_local(self) -> int:
+        data = self.tiles if self.tiles is not None else self.features
+        return 0 if data is None else int(data.shape[0])
+
+
+@dataclass
+class StepResult:
+    """What a step returns besides the gradients it accumulated."""
+
+    loss: float  # loss_fn over every slide of the step (all slide groups); the same on every rank
+    logits: torch.Tensor  # [N, C] logits of every slide of the step, detached, on CPU
+    attention: dict[int, torch.Tensor]  # slide index -> [k_total] attention/scores (this rank's slides)
+    tiles_encoded: int  # tiles this rank encoded in phase 1
+
+
+def _as_bags(bags: Sequence[Bag | torch.Tensor]) -> list[Bag]:
+    out = [b if isinstance(b, Bag) else Bag(index=i, tiles=b) for i, b in enumerate(bags)]
+    for b in out:
+        if b.k_total is None:
+            b.k_total = b.k_local
+    return out
+
+
+def _local_chunks(bag: Bag, chunk_tiles: int, ctx: ParallelContext) -> list[tuple[int, int, int]]:
+    """This rank's chunks of ``bag``: (global chunk index, local start, local stop); validates the share."""
+    assert bag.k_total is not None
+    start, stop = rank_tile_range(bag.k_total, chunk_tiles, ctx.tp_rank, ctx.tp_size)
+    if bag.k_local != stop - start:
+        raise ValueError(
+            f"slide {bag.index}: this rank (tile-parallel rank {ctx.tp_rank} of {ctx.tp_size}) holds {bag.k_local} "
+            f"tiles, but its share of k_total={bag.k_total} with chunk_tiles={chunk_tiles} is {stop - start} "
+            f"(tiles [{start}, {stop}); see fullslide.engine.rank_tile_range)"
+        )
+    bounds = chunk_bounds(bag.k_total, chunk_tiles)
+    c0, c1 = rank_chunk_range(len(bounds), ctx.tp_rank, ctx.tp_size)
+    return [(c, bounds[c][0] - start, bounds[c][1] - start) for c in range(c0, c1)]
+
+
+def _stash_grads(params: Iterable[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
+    """Set existing ``.grad`` aside so the reduction sums only this step's gradient."""
+    stash = {}
+    for p in params:
+        if p.grad is not None:
+            stash[p] = p.grad
+            p.grad = None
+    return stash
+
+
+def _unstash_grads(stash: dict[nn.Parameter, torch.Tensor]) -> None:
+    for p, g in stash.items():
+        p.grad = g if p.grad is None else p.grad.add_(g)
+
+
+def gather_features(
+    ctx: ParallelContext, bags: list[Bag], local: list[torch.Tensor], chunk_tiles: int, feature_dim: int
+) -> list[torch.Tensor]:
+    """Phase 2: ``[k_local, D]`` per slide on each rank -> ``[k_total, D]`` per slide on every rank of the group."""
+    if ctx.tp_size == 1:
+        return local
+    ranges = [[rank_tile_range(b.k_total, chunk_tiles, r, ctx.tp_size) for b in bags] for r in range(ctx.tp_size)]
+    rows = [sum(e - s for s, e in per_rank) for per_rank in ranges]
+    packed = torch.cat(local) if local else torch.empty((0, feature_dim), device=ctx.device)
+    parts = all_gather_rows(ctx, packed, rows)  # one collective for all slides of the step
+    full: list[list[torch.Tensor]] = [[] for _ in bags]
+    for r, part in enumerate(parts):
+        offset = 0
+        for i, (s, e) in enumerate(ranges[r]):
+            full[i].append(part[offset : offset + e - s])
+            offset += e - s
+    return [torch.cat(pieces) for pieces in full]  # rank order == global tile order
+
+
+def step(
+    model: nn.Module,
+    bags: Sequence[Bag | torch.Tensor],
+    targets: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    mode: Mode = "recompute",
+    chunk_tiles: int = 64,
+    step_seed: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    grad_scaler: "torch.amp.GradScaler | None" = None,
+    parallel: ParallelContext | None = None,
+) -> StepResult:
+    """Accumulate into ``.grad`` the exact gradient of ``loss_fn(logits [N, C], targets [N, ...])``.
+
+    ``model`` has ``.encoder`` (tiles -> ``[k, D]``, exposing ``feature_dim``) and ``.aggregator``
+    (``[K, D]`` -> AggregatorOutput). ``bags`` are this rank's slides (tensors are taken as whole slides with
+    index = position); ``targets`` holds all N slides of the step across all slide groups. ``step_seed``
+    fixes dropout/drop-path draws (use a different one per step). ``amp_dtype`` autocasts the encoder
+    (bfloat16, or float16 with ``grad_scaler``); the aggregator and the loss run in float32.
+    Raises :class:`NonFiniteLossError` (consistently on every rank) without touching ``.grad``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    ctx = parallel or ParallelContext.single(next(model.parameters()).device)
+    device = ctx.device
+    items = _as_bags(bags)
+    n_total = int(targets.shape[0])
+    for b in items:
+        if not 0 <= b.index < n_total:
+            raise ValueError(f"slide index {b.index} is outside the {n_total} targets of this step")
+        if not b.k_total:
+            raise ValueError(f"slide {b.index} has no tiles")
+    encoder, aggregator = model.encoder, model.aggregator
+    enc_params = [p for p in encoder.parameters() if p.requires_grad]
+    agg_params = [p for p in aggregator.parameters() if p.requires_grad]
+    feature_dim = int(getattr(encoder, "feature_dim"))
+    stash = _stash_grads(enc_params + agg_params)
+    try:
+        # Phase 1: encode this rank's share of every slide.
+        passes: list[recompute.EncoderPass | None] = []
+        local: list[torch.Tensor] = []
+        for b in items:
+            chunks = _local_chunks(b, chunk_tiles, ctx)
+            if b.tiles is None:  # precomputed features: nothing to encode, nothing to backpropagate into
+                passes.append(None)
+                local.append(b.features.to(device).float() if b.features is not None else None)
+                continue
+            p = recompute.encode(
+                encoder, b.tiles, chunks, mode=mode, step_seed=step_seed, slide_index=b.index,
+                device=device, amp_dtype=amp_dtype, with_grad=bool(enc_params),
+            )
+            passes.append(p)
+            local.append(p.features)
+        # Phase 2: every rank of the group gets all K features of its slides.
+        feats = [f.requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
+        # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
+        outs = []
+        for b, f in zip(items, feats):
+            with seeded(derive_seed(step_seed, b.index, AGGREGATOR_CHUNK), device):
+                outs.append(aggregator(f))  # logits [C], attention [K]
+        n_classes = outs[0].logits.numel() if outs else _n_classes(model, feature_dim, device)
+        rows = torch.zeros((n_total, n_classes), device=device)
+        if ctx.tp_rank == 0:  # one writer per slide, so the world sum below is exact
+            for b, o in zip(items, outs):
+                rows[b.index] = o.logits.detach().float()
+        all_logits = share_rows(ctx, rows).requires_grad_()  # [N, C] identical on every rank
+        loss = loss_fn(all_logits, targets.to(device))
+        if not torch.isfinite(loss):  # host sync: one scalar per step
+            raise NonFiniteLossError(f"loss is {loss.item()} at step seed {step_seed}")
+        scaled = grad_scaler.scale(loss) if grad_scaler is not None else loss
+        (grad_logits,) = torch.autograd.grad(scaled, all_logits)  # [N, C]
+        if outs:
+            torch.autograd.backward(
+                [o.logits for o in outs], [grad_logits[b.index].to(o.logits.dtype) for b, o in zip(items, outs)]
+            )
+        # Phase 4: backpropagate this rank's slice of dLoss/dFeatures through the encoder.
+        for b, p, f in zip(items, passes, feats):
+            if p is None or not enc_params:
+                continue
+            start, stop = rank_tile_range(b.k_total, chunk_tiles, ctx.tp_rank, ctx.tp_size)
+            recompute.backward(
+                encoder, b.tiles, p, f.grad[start:stop], mode=mode, step_seed=step_seed,
+                slide_index=b.index, device=device, amp_dtype=amp_dtype,
+            )
+        # Phase 5: sum over the world. Group members hold identical aggregator grads: keep one copy each.
+        if ctx.distributed:
+            if ctx.tp_rank != 0:
+                for q in agg_params:
+                    q.grad = None
+            all_reduce_gradients(ctx, enc_params + agg_params)
+    except BaseException:
+        for q in enc_params + agg_params:
+            q.grad = None
+        _unstash_grads(stash)
+        raise
+    _unstash_grads(stash)
+    return StepResult(
+        loss=float(loss.detach()),
+        logits=all_logits.detach().cpu(),
+        attention={b.index: o.attention.detach() for b, o in zip(items, outs)},
+        tiles_encoded=sum(b.k_local for b in items if b.tiles is not None),
+    )
+
+
+def _n_classes(model: nn.Module, feature_dim: int, device: torch.device) -> int:
+    """Logit width for a rank with no slide this step (run the aggregator on one dummy feature)."""
+    with torch.no_grad():
+        return int(model.aggregator(torch.zeros((1, feature_dim), device=device)).logits.numel())
+
+
+@dataclass
+class InferResult:
+    """Inference on all tiles of one slide."""
+
+    logits: torch.Tensor  # [C]
+    attention: torch.Tensor  # [K]
+    tile_logits: torch.Tensor | None  # [K, C] where the aggregator classifies tiles
+    features: torch.Tensor | None  # [K, D] when requested
+
+
+@torch.no_grad()
+def encode_tiles(
+    encoder: nn.Module,
+    chunks: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    chunk_tiles: int = 64,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Features ``[K, D]`` (float32) of all tiles, chunk by chunk, without a graph.
+
+    ``chunks`` is one ``[K, 3, H, W]`` tensor (split into ``chunk_tiles``) or any iterable of tile batches,
+    so a reader can stream a slide of 100,000 tiles without holding them all.
+    """
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    if isinstance(chunks, torch.Tensor):
+        chunks = chunks.split(chunk_tiles)
+    feats = []
+    for tiles in chunks:
+        with autocast_ctx(device, amp_dtype):
+            feats.append(encoder(tiles.to(device, non_blocking=True)).float())
+    if not feats:
+        raise ValueError("no tiles to encode")
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def infer(
+    model: nn.Module,
+    chunks: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    chunk_tiles: int = 64,
+    amp_dtype: torch.dtype | None = None,
+    return_features: bool = False,
+) -> InferResult:
+    """Slide prediction from ALL its tiles, memory bounded by one chunk plus the ``[K, D]`` features.
+
+    The caller sets ``model.eval()``; the aggregator runs in float32.
+    """
+    device = next(model.parameters()).device
+    feats = encode_tiles(model.encoder, chunks, chunk_tiles=chunk_tiles, amp_dtype=amp_dtype, device=device)
+    out = model.aggregator(feats)
+    if not math.isfinite(float(out.logits.float().sum())):
+        raise NonFiniteLossError("inference produced non-finite logits")
+    return InferResult(
+        logits=out.logits.float().cpu(),
+        attention=out.attention.float().cpu(),
+        tile_logits=None if out.tile_logits is None else out.tile_logits.float().cpu(),
+        features=feats.cpu() if return_features else None,
+    )

@@ -1,0 +1,192 @@
+"""MIL aggregators: the features of all tiles of one slide ``[K, D]`` -> slide logits ``[C]``.
+
+Every aggregator returns an :class:`AggregatorOutput` with the slide logits, a per-tile score for heatmaps
+(attention weights that sum to one, or raw scores for max pooling) and, where the aggregator classifies
+tiles, the per-tile logits. One slide at a time: slides of a step have different K and are never padded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AggregatorOutput:
+    """What an aggregator returns for one slide."""
+
+    logits: torch.Tensor  # [C]
+    attention: torch.Tensor  # [K] attention weights (sum to 1) or per-tile scores
+    tile_logits: torch.Tensor | None = None  # [K, C] where the aggregator classifies tiles
+
+
+class GatedAttentionMIL(nn.Module):
+    """Gated attention MIL ("GMA") as Campanella et al. 2024 use it.
+
+    Linear D->512, ReLU, Linear 512->512, ReLU, dropout 0.25; gated attention
+    ``w^T (tanh(V h) * sigmoid(U h))`` with 384 hidden units; softmax over tiles; attention-weighted sum;
+    linear head. The gated form is Ilse et al. 2018 ("Attention-based deep multiple instance learning").
+    """
+
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden: int = 512, attn_hidden: int = 384, dropout: float = 0.25
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout)
+        )
+        self.attn_v = nn.Linear(hidden, attn_hidden)
+        self.attn_u = nn.Linear(hidden, attn_hidden)
+        self.attn_w = nn.Linear(attn_hidden, 1)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        h = self.embed(feats)  # [K, H]
+        a = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)  # [K]
+        weights = torch.softmax(a, dim=0)  # [K]
+        slide = weights @ h  # [H]
+        return AggregatorOutput(logits=self.head(slide), attention=weights)
+
+
+class AttentionMIL(nn.Module):
+    """ABMIL (Ilse et al. 2018): embedding, then (non-gated by default) tanh attention pooling, linear head."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 256,
+        attn_hidden: int = 128,
+        dropout: float = 0.25,
+        gated: bool = False,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attn_v = nn.Linear(hidden, attn_hidden)
+        self.attn_u = nn.Linear(hidden, attn_hidden) if gated else None
+        self.attn_w = nn.Linear(attn_hidden, 1)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        h = self.embed(feats)  # [K, H]
+        z = torch.tanh(self.attn_v(h))  # [K, A]
+        if self.attn_u is not None:
+            z = z * torch.sigmoid(self.attn_u(h))
+        weights = torch.softmax(self.attn_w(z).squeeze(-1), dim=0)  # [K]
+        return AggregatorOutput(logits=self.head(weights @ h), attention=weights)
+
+
+class _TileClassifier(nn.Module):
+    """Shared by mean and max pooling: a small MLP that classifies every tile."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+    def tile_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.mlp(feats)  # [K, C]
+
+
+class MeanMIL(_TileClassifier):
+    """Mean of per-tile logits; the heatmap score is each tile's logit for the last class."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__(in_dim, n_classes, hidden, dropout)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        t = self.tile_logits(feats)  # [K, C]
+        return AggregatorOutput(logits=t.mean(0), attention=t[:, -1], tile_logits=t)
+
+
+class MaxMIL(_TileClassifier):
+    """Per-class max of per-tile logits; the heatmap score is each tile's logit for the last class."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25) -> None:
+        super().__init__(in_dim, n_classes, hidden, dropout)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        t = self.tile_logits(feats)  # [K, C]
+        return AggregatorOutput(logits=t.max(0).values, attention=t[:, -1], tile_logits=t)
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block over the tile tokens (memory-efficient attention, no K x K matrix kept)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
+        return qkv[0], qkv[1], qkv[2]  # each [heads, N, d]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        y = F.scaled_dot_product_attention(q, k, v)  # [heads, N, d]
+        x = x + self.drop(self.proj(y.transpose(0, 1).reshape(x.shape)))
+        return x + self.mlp(self.norm2(x))
+
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of the class token (row 0) over all tokens, averaged over heads: ``[N]``."""
+        q, k, _ = self._qkv(x)
+        scores = (q[:, :1] @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])  # [heads, 1, N]
+        return torch.softmax(scores, dim=-1).mean(0)[0]
+
+
+class TransformerMIL(nn.Module):
+    """A small transformer aggregator: project tiles, prepend a class token, ``depth`` blocks, linear head.
+
+    The heatmap score is the class token's attention over the tiles in the last block (mean over heads,
+    renormalised over tiles). Permutation invariant (no positional encoding).
+    """
+
+    def __init__(
+        self, in_dim: int, n_classes: int, dim: int = 256, depth: int = 2, heads: int = 4, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"transformer aggregator: dim {dim} is not divisible by heads {heads}")
+        self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.cls = nn.Parameter(torch.zeros(1, dim))
+        nn.init.normal_(self.cls, std=0.02)
+        self.blocks = nn.ModuleList([_Block(dim, heads, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        x = torch.cat([self.cls, self.proj(feats)], dim=0)  # [1 + K, dim]
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        attn = last.cls_attention(x)[1:]  # [K]
+        x = last(x)
+        return AggregatorOutput(logits=self.head(self.norm(x[0])), attention=attn / attn.sum().clamp_min(1e-12))
+
+
+class WrappedAggregator(nn.Module):
+    """Adapts a user aggregator that returns bare logits (or a (logits, attention) tuple)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        out = self.inner(feats)
+        if isinstance(out, AggregatorOutput):
+            return out
+        if isinstance(out, (tuple, list)):
+            logits, attention = out[0], out[1]
+        else:
+            logits, attention = out, torch.full((feats.shape[0],), 1.0 / feats.shape[0], device=feats.device)
+        return AggregatorOutput(logits=logits.reshape(-1), attention=attention.reshape(-1))

@@ -1,0 +1,170 @@
+"""Build encoders and aggregators by name: explicit registries, clear errors for unknown names.
+
+Encoders: ``tinycnn`` (built in), any timm name (``resnet18``, ``vit_base_patch16_224``, ...), ``hf-hub:org/name``
+where a hub is reachable, or a user factory ``package.module:callable``. Weights come from a local file.
+Aggregators: ``gma``, ``abmil``, ``mean``, ``max``, ``transformer`` or a user factory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fullslide.errors import ModelError
+from fullslide.models import aggregators as agg
+from fullslide.models.encoders import IMAGENET_MEAN, IMAGENET_STD, TileEncoder, TinyCNN, load_weights
+
+AGGREGATORS: dict[str, Callable[..., nn.Module]] = {
+    "gma": agg.GatedAttentionMIL,
+    "abmil": agg.AttentionMIL,
+    "mean": agg.MeanMIL,
+    "max": agg.MaxMIL,
+    "transformer": agg.TransformerMIL,
+}
+
+BUILTIN_ENCODERS: dict[str, Callable[..., nn.Module]] = {"tinycnn": TinyCNN}
+
+
+def resolve_factory(spec: str) -> Callable[..., Any]:
+    """Import ``package.module:callable`` and return the callable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"factory '{spec}': expected the form package.module:callable")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelError(f"factory '{spec}': cannot import module '{module_name}' ({exc})") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"factory '{spec}': module '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"factory '{spec}': '{attr}' is not callable")
+    return obj
+
+
+def _call_with_supported(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call ``fn`` with the subset of ``kwargs`` its signature accepts (all of them if it takes **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _probe_feature_dim(backbone: nn.Module, tile_px: int) -> int:
+    """Run one dummy tile through ``backbone`` to learn its output width."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(1, 3, tile_px, tile_px))
+    backbone.train(was_training)
+    return int(out.reshape(1, -1).shape[1]) if out.ndim != 4 else int(out.shape[1])
+
+
+def create_encoder(
+    name: str,
+    *,
+    weights: str | Path | None = None,
+    tile_px: int = 224,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    **kwargs: Any,
+) -> TileEncoder:
+    """Build a :class:`TileEncoder` by name; ``weights`` is a local ``.safetensors/.pth/.bin`` file."""
+    norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+    if ":" in name and not name.startswith("hf-hub:"):
+        factory = resolve_factory(name)
+        backbone = _call_with_supported(
+            factory, {"tile_px": tile_px, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate, **kwargs}
+        )
+        if not isinstance(backbone, nn.Module):
+            raise ModelError(f"factory '{name}' returned {type(backbone).__name__}, expected a torch.nn.Module")
+        if isinstance(backbone, TileEncoder):
+            if weights is not None:
+                load_weights(backbone.backbone, weights)
+            return backbone
+        dim = getattr(backbone, "feature_dim", None) or getattr(backbone, "num_features", None)
+        dim = int(dim) if dim else _probe_feature_dim(backbone, tile_px)
+    elif name in BUILTIN_ENCODERS:
+        backbone = _call_with_supported(BUILTIN_ENCODERS[name], {"drop_rate": drop_rate, **kwargs})
+        dim = backbone.num_features
+    else:
+        backbone = _create_timm(name, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+        dim = int(backbone.num_features)
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        norm_mean = tuple(cfg.get("mean", norm_mean))
+        norm_std = tuple(cfg.get("std", norm_std))
+    if weights is not None:
+        load_weights(backbone, weights)
+    return TileEncoder(backbone, dim, mean or norm_mean, std or norm_std, name=name)
+
+
+def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: float, **kwargs: Any) -> nn.Module:
+    """A timm backbone without classifier (``num_classes=0`` gives pooled features)."""
+    from fullslide.models._timm_compat import import_timm
+
+    timm = import_timm()
+    hub = name.startswith("hf-hub:")
+    if not hub and not timm.is_model(name):
+        raise ModelError(f"unknown encoder '{name}': not built in ({', '.join(BUILTIN_ENCODERS)}), not a timm model, "
+                         "not an hf-hub: name and not a package.module:callable factory")
+    base = dict(pretrained=hub, num_classes=0, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+    try:
+        try:  # ViT-style models take img_size so that tiles other than 224 px work; CNNs do not accept it
+            return timm.create_model(name, img_size=tile_px, **base)
+        except TypeError:
+            return timm.create_model(name, **base)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"encoder '{name}': timm could not build it ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+
+
+def create_aggregator(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> nn.Module:
+    """Build an aggregator by name, or a user factory ``package.module:callable(in_dim=, n_classes=, ...)``."""
+    if ":" in name:
+        module = _call_with_supported(resolve_factory(name), {"in_dim": in_dim, "n_classes": n_classes, **kwargs})
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"factory '{name}' returned {type(module).__name__}, expected a torch.nn.Module")
+        return module if isinstance(module, tuple(AGGREGATORS.values())) else agg.WrappedAggregator(module)
+    if name not in AGGREGATORS:
+        raise ModelError(f"unknown aggregator '{name}': choose one of {', '.join(AGGREGATORS)} or package.module:callable")
+    try:
+        return AGGREGATORS[name](in_dim, n_classes, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"aggregator '{name}': {exc}") from exc
+
+
+def create_model(
+    encoder: str,
+    aggregator: str,
+    n_classes: int,
+    *,
+    weights: str | Path | None = None,
+    tile_px: int = 224,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    freeze_bn: bool = True,
+    encoder_kwargs: dict[str, Any] | None = None,
+    aggregator_kwargs: dict[str, Any] | None = None,
+) -> "SlideModel":
+    """Encoder + aggregator in one :class:`SlideModel`, the aggregator sized to the encoder's features."""
+    from fullslide.models.slide_model import SlideModel
+
+    enc = create_encoder(
+        encoder, weights=weights, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        **(encoder_kwargs or {}),
+    )
+    head = create_aggregator(aggregator, enc.feature_dim, n_classes, **(aggregator_kwargs or {}))
+    return SlideModel(enc, head, freeze_bn=freeze_bn)

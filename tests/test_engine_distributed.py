@@ -1,0 +1,70 @@
+"""Multi-process engine tests (gloo on CPU): every layout and mode gives the single-process gradient."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fullslide.cli import main
+from fullslide.engine.checkgrad import CheckSpec, run_checks
+from fullslide.engine.mesh import ParallelDims, chunk_bounds, rank_tile_range, slides_for_group
+
+TESTS = str(Path(__file__).parent)
+
+
+@pytest.fixture
+def factories_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers are fresh processes: let them import tests/engine_factories.py like a user's module."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])))
+
+
+def test_all_layouts_and_modes_match_reference(factories_importable: None) -> None:
+    # User factory encoder with dropout and drop-path; GMA has dropout too. K per slide unequal and not
+    # divisible by ranks or chunks (17 = 8+8+1: with 4 ranks one rank holds none of that slide).
+    spec = CheckSpec(encoder="engine_factories:residual_droppath", tiles=[24, 17, 9, 30], slides=4, chunk_tiles=8,
+                     tile_px=16, steps=3)
+    rows, _ = run_checks(spec, [1, 2, 4], tol=1e-5, progress=lambda m: None)
+    layouts = {(r.nproc, r.tile_parallel, r.mode) for r in rows}
+    assert len(layouts) == len(rows) == 3 * (1 + 2 + 3)
+    assert (4, 2, "recompute") in layouts  # 2 slide groups of 2 tile-parallel ranks each
+    bad = [r for r in rows if not r.ok]
+    assert not bad, bad
+    assert all(r.encoder_grad < 1e-5 and r.aggregator_grad < 1e-5 and r.params < 1e-5 for r in rows)
+
+
+def test_check_grad_cli_passes_and_fails_on_tolerance(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["check-grad", "--nproc", "2", "--mode", "recompute", "--tiles", "10,7", "--slides", "2", "--chunk", "3",
+            "--tile-size", "16", "--steps", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2/2 configurations within tolerance 1e-05" in out
+    assert main(args + ["--tol", "0"]) == 1  # rounding differences exist, so a zero tolerance must fail
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_parallel_dims_validate_and_name_factors() -> None:
+    with pytest.raises(ValueError, match="world_size 6 is not divisible by tile_parallel 4"):
+        ParallelDims(world_size=6, tile_parallel=4)
+    dims = ParallelDims(world_size=8, tile_parallel=4)
+    assert dims.slide_groups == 2
+    assert [dims.group_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert dims.group_ranks(1) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("k,chunk,t", [(17, 8, 4), (100, 7, 3), (5, 64, 2), (64, 8, 8), (1, 1, 4)])
+def test_tile_shares_are_contiguous_whole_chunks_covering_every_tile_once(k: int, chunk: int, t: int) -> None:
+    ranges = [rank_tile_range(k, chunk, r, t) for r in range(t)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == k
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    starts = {s for s, _ in chunk_bounds(k, chunk)} | {k}
+    assert all(s in starts and e in starts for s, e in ranges)
+    sizes = [(e - s + chunk - 1) // chunk for s, e in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_slides_split_round_robin_over_groups() -> None:
+    groups = [slides_for_group(7, 3, g) for g in range(3)]
+    assert sorted(sum(groups, [])) == list(range(7))
+    assert groups[0] == [0, 3, 6]

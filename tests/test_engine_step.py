@@ -1,0 +1,172 @@
+"""Single-process engine tests: the three memory modes give the reference gradient, memory stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fullslide.engine import Bag, NonFiniteLossError, encode_tiles, infer, step
+from fullslide.engine.checkgrad import max_rel_error
+from fullslide.engine.memory import SavedTensorMeter
+from fullslide.engine.reference import reference_step
+from fullslide.models import create_model
+
+TOL = 1e-5
+
+
+def _model(encoder: str = "tinycnn", aggregator: str = "gma", drop: float = 0.3, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model(encoder, aggregator, 2, tile_px=16, drop_rate=drop, drop_path_rate=drop).train()
+
+
+def _slides(ks: list[int], px: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (k, 3, px, px), generator=gen, dtype=torch.uint8) for k in ks]
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _ref_grads(model, slides, y, chunk, seed=7) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    reference_step(model, slides, y, F.cross_entropy, chunk_tiles=chunk, step_seed=seed)
+    out = _grads(model)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "checkpoint", "recompute"])
+@pytest.mark.parametrize("aggregator", ["gma", "abmil", "mean", "max", "transformer"])
+def test_modes_match_reference_with_dropout_and_unequal_k(mode: str, aggregator: str) -> None:
+    model = _model(aggregator=aggregator)
+    slides, y = _slides([13, 5, 21]), torch.tensor([0, 1, 1])
+    ref = _ref_grads(model, slides, y, chunk=4)
+    result = step(model, slides, y, F.cross_entropy, mode=mode, chunk_tiles=4, step_seed=7)
+    got = _grads(model)
+    assert set(got) == set(ref)
+    assert max_rel_error(got, ref, "encoder.") < TOL
+    assert max_rel_error(got, ref, "aggregator.") < TOL
+    assert result.logits.shape == (3, 2)
+    assert [result.attention[i].shape[0] for i in range(3)] == [13, 5, 21]
+    assert result.tiles_encoded == 39
+
+
+def test_dropout_is_active_so_the_equality_is_not_trivial() -> None:
+    model = _model(drop=0.5)
+    slides, y = _slides([12]), torch.tensor([1])
+    a = _ref_grads(model, slides, y, chunk=4, seed=1)
+    b = _ref_grads(model, slides, y, chunk=4, seed=2)  # other seed -> other masks -> other gradient
+    assert max_rel_error(a, b, "encoder.") > 1e-3
+    step(model, slides, y, F.cross_entropy, chunk_tiles=4, step_seed=2)
+    assert max_rel_error(_grads(model), b, "encoder.") < TOL
+
+
+def test_user_factory_encoder_with_drop_path_and_bare_aggregator() -> None:
+    torch.manual_seed(0)
+    model = create_model("engine_factories:residual_droppath", "engine_factories:bare_logits", 2, tile_px=16).train()
+    slides, y = _slides([10, 7]), torch.tensor([1, 0])
+    ref = _ref_grads(model, slides, y, chunk=3)
+    step(model, slides, y, F.cross_entropy, chunk_tiles=3, step_seed=7)
+    assert max_rel_error(_grads(model), ref, "") < TOL
+
+
+class _Metered(torch.nn.Module):
+    """Counts the activations the wrapped backbone saves for backward, and how long they stay alive."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.meter = SavedTensorMeter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.meter:
+            return self.inner(x)
+
+
+def test_recompute_keeps_one_chunk_graph_alive() -> None:
+    """Peak encoder activation bytes held for backward: recompute ~ one chunk, full ~ all chunks."""
+    model = _model(drop=0.0)
+    model.encoder.backbone = _Metered(model.encoder.backbone)
+    chunk, n_chunks = 4, 8
+    y = torch.tensor([1])
+
+    def peak(mode: str, k: int) -> int:
+        model.zero_grad(set_to_none=True)
+        meter = model.encoder.backbone.meter = SavedTensorMeter()
+        step(model, _slides([k]), y, F.cross_entropy, mode=mode, chunk_tiles=chunk)
+        assert meter.current_bytes == 0  # every graph was freed by the end of the step
+        return meter.peak_bytes
+
+    one_chunk_graph = peak("full", chunk)
+    assert peak("full", chunk * n_chunks) > 0.8 * n_chunks * one_chunk_graph  # the probe sees graphs grow
+    assert peak("recompute", chunk * n_chunks) < 1.5 * one_chunk_graph
+    assert peak("recompute", chunk * n_chunks) <= 1.05 * peak("recompute", chunk * 2)
+
+
+def test_existing_grads_are_accumulated_not_overwritten() -> None:
+    model = _model(drop=0.0)
+    slides, y = _slides([9, 6]), torch.tensor([0, 1])
+    step(model, slides, y, F.cross_entropy, chunk_tiles=4)
+    once = _grads(model)
+    step(model, slides, y, F.cross_entropy, chunk_tiles=4)
+    twice = _grads(model)
+    assert max_rel_error(twice, {n: 2 * g for n, g in once.items()}, "") < TOL
+
+
+def test_non_finite_loss_raises_and_leaves_grads_untouched() -> None:
+    model = _model(drop=0.0)
+    slides, y = _slides([6]), torch.tensor([1])
+    step(model, slides, y, F.cross_entropy, chunk_tiles=4)
+    before = _grads(model)
+    with pytest.raises(NonFiniteLossError, match="nan"):
+        step(model, slides, y, lambda z, t: F.cross_entropy(z, t) * float("nan"), chunk_tiles=4)
+    assert max_rel_error(_grads(model), before, "") == 0.0
+
+
+def test_precomputed_features_train_only_the_aggregator() -> None:
+    model = _model(drop=0.0)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    slides, y = _slides([11, 4]), torch.tensor([1, 0])
+    ref = _ref_grads(model, slides, y, chunk=4)
+    feats = [encode_tiles(model.encoder, s, chunk_tiles=4) for s in slides]
+    step(model, [Bag(index=i, features=f) for i, f in enumerate(feats)], y, F.cross_entropy, chunk_tiles=4, step_seed=7)
+    got = _grads(model)
+    assert not any(n.startswith("encoder.") for n in got)
+    assert max_rel_error(got, ref, "aggregator.") < TOL
+
+
+def test_wrong_share_size_is_a_clear_error() -> None:
+    model = _model(drop=0.0)
+    with pytest.raises(ValueError, match="k_total=10"):
+        step(model, [Bag(index=0, tiles=_slides([7])[0], k_total=10)], torch.tensor([0]), F.cross_entropy)
+
+
+def test_infer_streams_chunks_and_matches_one_shot() -> None:
+    model = _model(drop=0.0).eval()
+    tiles = _slides([23])[0]
+    whole = infer(model, tiles, chunk_tiles=5, return_features=True)
+    streamed = infer(model, iter(tiles.split(7)), chunk_tiles=5)
+    with torch.no_grad():
+        direct = model.aggregator(model.encoder(tiles))
+    assert torch.allclose(whole.logits, direct.logits, atol=1e-5)
+    assert torch.allclose(streamed.logits, whole.logits, atol=1e-5)
+    assert whole.attention.shape == (23,) and abs(float(whole.attention.sum()) - 1) < 1e-5
+    assert whole.features.shape == (23, model.feature_dim)
+
+
+def test_batchnorm_is_frozen_by_default_and_warns_when_unfrozen() -> None:
+    torch.manual_seed(0)
+    model = create_model("engine_factories:with_batchnorm", "gma", 2, tile_px=16)
+    model.train()
+    bn = model.encoder.backbone.net[1]
+    assert not bn.training and model.aggregator.training
+    stats = bn.running_mean.clone()
+    step(model, _slides([8]), torch.tensor([1]), F.cross_entropy, chunk_tiles=4)
+    assert torch.equal(bn.running_mean, stats)  # frozen: running statistics untouched
+    model.freeze_bn = False
+    with pytest.warns(UserWarning, match="no longer exactly"):
+        model.train()
+    assert bn.training
