@@ -1,0 +1,113 @@
+"""Turn ``tile`` inputs (slide files, folders, CSV files) into one list of slide jobs.
+
+A CSV needs a ``path`` column (``slide_id`` and ``mpp`` are optional); relative paths resolve
+against the CSV's folder. An input that cannot be used becomes a one-line error for that input
+only, so the other slides are still processed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+from typing import Iterable
+
+from fullslide.errors import CohortError, FullslideError, SlideError
+from fullslide.slides.open import SLIDE_SUFFIXES
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideJob:
+    """One slide to process: where it is, its id (output file stem) and an optional mpp."""
+
+    path: Path
+    slide_id: str
+    mpp: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InputError:
+    """An input that produced no job; ``message`` is one line naming the file and the cause."""
+
+    path: Path
+    message: str
+
+
+def collect_jobs(inputs: Iterable[str | Path], *, mpp: float | None = None) -> tuple[list[SlideJob], list[InputError]]:
+    """Expand slide paths, folders and CSV files into jobs (in order), plus per-input errors.
+
+    ``mpp`` applies to every slide without an ``mpp`` CSV value. Duplicate slide ids are errors
+    for the later occurrences, since they would write the same output files.
+    """
+    jobs: list[SlideJob] = []
+    errors: list[InputError] = []
+    for item in inputs:
+        path = Path(item)
+        try:
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+                if not found:
+                    raise SlideError(path, f"folder holds no slide files ({' '.join(SLIDE_SUFFIXES)})")
+                jobs.extend(SlideJob(p, p.stem, mpp) for p in found)
+            elif path.suffix.lower() == ".csv":
+                jobs.extend(read_slide_csv(path, default_mpp=mpp))
+            else:
+                jobs.append(SlideJob(path, path.stem, mpp))
+        except FullslideError as exc:
+            errors.append(InputError(path, str(exc)))
+    unique: list[SlideJob] = []
+    seen: dict[str, Path] = {}
+    for job in jobs:
+        if job.slide_id in seen:
+            errors.append(
+                InputError(
+                    job.path,
+                    f"{job.path}: slide_id '{job.slide_id}' is already used by {seen[job.slide_id]}; "
+                    "give distinct ids with a slide_id column in a CSV",
+                )
+            )
+            continue
+        seen[job.slide_id] = job.path
+        unique.append(job)
+    return unique, errors
+
+
+def read_slide_csv(csv_path: Path, *, default_mpp: float | None = None) -> list[SlideJob]:
+    """Jobs from a CSV with a ``path`` column (optional ``slide_id``, ``mpp``)."""
+    if not csv_path.is_file():
+        raise CohortError(f"{csv_path}: CSV file not found")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if "path" not in columns:
+                raise CohortError(
+                    f"{csv_path}: no 'path' column (columns: {', '.join(columns) or 'none'}); "
+                    "the CSV needs a 'path' column, optionally 'slide_id' and 'mpp'"
+                )
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CohortError(f"{csv_path}: cannot read CSV ({exc})") from exc
+    jobs = []
+    for line, row in enumerate(rows, start=2):
+        if not row.get("path"):
+            raise CohortError(f"{csv_path}: line {line}: empty 'path'")
+        path = Path(row["path"]).expanduser()
+        if not path.is_absolute():
+            path = csv_path.parent / path
+        jobs.append(SlideJob(path, row.get("slide_id") or path.stem, _mpp(row.get("mpp"), csv_path, line, default_mpp)))
+    return jobs
+
+
+def _mpp(text: str | None, csv_path: Path, line: int, default: float | None) -> float | None:
+    """The CSV's mpp value for a row, or the default when the cell is empty."""
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise CohortError(f"{csv_path}: line {line}: mpp must be a positive number, got {text!r}")
+    return value
