@@ -1,9 +1,169 @@
-"""Subcommands: placeholder until this area lands."""
+"""Subcommands of the slide I/O layer: ``info``, ``tile`` and ``synth``.
+
+Each is a thin call into ``fullslide.slides``; slide libraries are imported inside the command
+functions so that ``fullslide --help`` stays fast. Per-slide problems are printed as one line
+naming the file and the cause; the exit code is 1 when any slide failed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fullslide.slides.base import Slide
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
+    except ValueError:
+        width = height = 0
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (or one number), got {text!r}")
+    return width, height
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Attach this module's subcommands to the top-level parser."""
+    """Attach ``info``, ``tile`` and ``synth``."""
+    from fullslide.slides.open import BACKEND_CHOICES
+
+    p = sub.add_parser("info", help="print vendor, backend, levels, mpp and size of slides",
+                       description="Describe each slide, or say in one line why it cannot be opened.")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="slide library (default: auto)")
+    p.add_argument("--mpp", type=_positive_float, default=None, help="mpp to report for files without it")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tile", help="detect tissue and write tile coordinates (HDF5) for slides",
+                       description="Tissue mask -> grid of tiles at --target-mpp -> OUT/patches/{slide}.h5 (CLAM/TRIDENT "
+                       "layout), OUT/thumbnails/{slide}.png and OUT/tiling_summary.csv. Slides already tiled with the "
+                       "same parameters are skipped; outputs are written atomically.")
+    p.add_argument("inputs", nargs="+", metavar="SLIDES_OR_CSV",
+                   help="slide files, folders (scanned recursively) or CSV files with a 'path' column "
+                   "(optional 'slide_id', 'mpp'; relative paths resolve against the CSV's folder)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--target-mpp", type=_positive_float, default=0.5, help="micrometres per pixel of the tiles (0.5)")
+    p.add_argument("--tile-px", type=_positive_int, default=224, help="tile side in pixels at the target mpp (224)")
+    p.add_argument("--tissue-threshold", type=float, default=0.5, help="minimal tissue fraction of a kept tile (0.5)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="slides processed in parallel (processes)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="slide library (default: auto)")
+    p.add_argument("--mpp", type=_positive_float, default=None,
+                   help="mpp of the slides, overriding their metadata (needed for plain images); a CSV 'mpp' cell wins")
+    p.add_argument("--overwrite", action="store_true", help="re-tile slides even when their output is up to date")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("synth", help="write a synthetic H&E-like cohort (pyramidal TIFFs + labels CSV)",
+                       description="Procedural slides with a known signal: 'focal' (small lesion foci in positive slides, "
+                       "ground-truth masks saved) or 'diffuse' (a subtle shift over all tissue of positive slides).")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--slides", type=_positive_int, default=8, help="number of slides (8)")
+    p.add_argument("--signal", choices=("focal", "diffuse"), default="focal", help="signal of positive slides (focal)")
+    p.add_argument("--size", type=_size, default=(4096, 4096), help="level-0 size WIDTHxHEIGHT (4096x4096; up to 100000x100000)")
+    p.add_argument("--mpp", type=_positive_float, default=0.5, help="micrometres per pixel at level 0 (0.5)")
+    p.add_argument("--lesion-fraction", type=float, default=0.03, help="share of tissue covered by lesions, focal (0.03)")
+    p.add_argument("--positive-fraction", type=float, default=0.5, help="share of positive patients (0.5)")
+    p.add_argument("--tissue-fraction", type=float, default=0.35, help="share of the slide covered by tissue (0.35)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same cohort")
+    p.add_argument("--workers", type=_positive_int, default=1, help="processes (over slides, or over strips of one slide)")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a description of each slide; exit 1 if any could not be opened."""
+    from fullslide.errors import FullslideError
+    from fullslide.slides.open import open_slide
+
+    failed = 0
+    for name in args.slides:
+        try:
+            with open_slide(name, backend=args.backend, mpp=args.mpp) as slide:
+                print(describe(slide))
+        except FullslideError as exc:
+            failed += 1
+            print(f"fullslide info: error: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def describe(slide: Slide) -> str:
+    """A few lines about a slide: vendor, backend, mpp, size, levels."""
+    width, height = slide.dimensions
+    if slide.mpp is not None:
+        mpp = f"{slide.mpp:g} ({slide.mpp_source})"
+        size = f"{width} x {height} px ({width * slide.mpp / 1000:.2f} x {height * slide.mpp / 1000:.2f} mm)"
+    else:
+        mpp, size = "unknown (pass --mpp)", f"{width} x {height} px"
+    lines = [str(slide.path), f"  vendor: {slide.vendor}  backend: {slide.backend}  mpp: {mpp}",
+             f"  size: {size}  levels: {slide.level_count}"]
+    for level, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
+        level_mpp = f"  mpp {slide.mpp * ds:.4g}" if slide.mpp is not None else ""
+        lines.append(f"    level {level}: {w} x {h}  downsample {ds:.4g}{level_mpp}")
+    return "\n".join(lines)
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    """Tile slides, print the summary table; exit 1 if any slide failed."""
+    from fullslide.slides.tiler import SUMMARY, tile_slides
+
+    results = tile_slides(
+        args.inputs, args.out, target_mpp=args.target_mpp, tile_px=args.tile_px, tissue_threshold=args.tissue_threshold,
+        workers=args.workers, backend=args.backend, mpp=args.mpp, overwrite=args.overwrite,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    rows = [(r.slide_id, str(r.n_tiles) if not r.failed else "-", f"{r.mpp:g}" if r.mpp else "-",
+             f"{r.seconds:.2f}", r.status) for r in results]
+    print(format_table(("slide", "tiles", "mpp", "seconds", "status"), rows))
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "empty", "skipped", "failed")}
+    print(f"{len(results)} slides: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; summary in {args.out / SUMMARY}")
+    for r in results:
+        if r.message:
+            kind = "error" if r.failed else "warning"
+            print(f"fullslide tile: {kind}: {r.message}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic cohort and print the labels CSV path."""
+    from fullslide.slides.synth import make_cohort
+
+    csv_path = make_cohort(
+        args.out, args.slides, signal=args.signal, size=args.size, mpp=args.mpp, lesion_fraction=args.lesion_fraction,
+        positive_fraction=args.positive_fraction, seed=args.seed, tissue_fraction=args.tissue_fraction,
+        workers=args.workers,
+    )
+    print(csv_path)
+    return 0

@@ -7,6 +7,8 @@ offsets against the file size at open time turns that into an immediate one-line
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 from fullslide.errors import SlideError
@@ -27,9 +29,15 @@ def check_tiff(path: Path) -> None:
     import tifffile
 
     size = path.stat().st_size
+    errors = _CollectErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    propagate, tiff_log.propagate = tiff_log.propagate, False  # reported below, not printed
     try:
         with tifffile.TiffFile(path) as tif:
             pages = list(tif.pages)
+            if errors.messages:  # tifffile logs (not raises) a broken directory chain
+                raise SlideError(path, f"truncated or corrupt TIFF ({errors.messages[0]})")
             if not pages:
                 raise SlideError(path, "truncated or corrupt TIFF: no image directory")
             for index, page in enumerate(pages):
@@ -48,3 +56,18 @@ def check_tiff(path: Path) -> None:
         raise
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, IndexError...
         raise SlideError(path, f"truncated or corrupt TIFF ({type(exc).__name__}: {' '.join(str(exc).split())})") from exc
+    finally:
+        tiff_log.removeHandler(errors)
+        tiff_log.propagate = propagate
+
+
+class _CollectErrors(logging.Handler):
+    """Keeps the text of ERROR records (tifffile reports broken page chains by logging)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = re.sub(r"^<[^>]*>\s*", "", record.getMessage())  # drop tifffile's "<TiffPages @8>" prefix
+        self.messages.append(" ".join(text.split()))

@@ -24,7 +24,7 @@ import numpy as np
 
 from fullslide.atomic import atomic_path
 from fullslide.errors import FullslideError, SlideError
-from fullslide.slides.base import Slide, readable_by_all, resize_rgb
+from fullslide.slides.base import readable_by_all, resize_rgb
 from fullslide.slides.grid import DEFAULT_MATCH_TOLERANCE, box_coverage, grid_level0_xy, plan_tile_geometry
 from fullslide.slides.inputs import SlideJob, collect_jobs
 from fullslide.slides.tissue import TissueParams, tissue_mask
@@ -146,7 +146,10 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         geometry = plan_tile_geometry(slide_mpp, slide.level_downsamples, params.target_mpp, params.tile_px, params.match_tolerance)
         width, height = slide.dimensions
         mask_ds = max(1.0, geometry.level0_px / _MASK_PX_PER_TILE, max(width, height) / _MASK_MAX_PX)
-        thumb = slide.thumbnail(math.ceil(max(width, height) / mask_ds))
+        mask_px = math.ceil(max(width, height) / mask_ds)
+        # one read serves both the mask and the preview (a second full decode costs as much as the first)
+        image = slide.thumbnail(max(mask_px, min(params.thumbnail_px, max(width, height))))
+        thumb = image if max(image.shape[:2]) == mask_px else _shrink(image, mask_px)
         scale = (width / thumb.shape[1], height / thumb.shape[0])
         mask = tissue_mask(thumb, slide_mpp * (scale[0] + scale[1]) / 2, params.tissue)
         grid = grid_level0_xy((width, height), geometry.level0_px)
@@ -155,7 +158,7 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         if coords.shape[0]:
             probe = coords[np.linspace(0, coords.shape[0] - 1, min(_PROBE_TILES, coords.shape[0])).astype(int)]
             slide.read_tiles(probe, geometry)  # raises SlideError on unreadable pixel data
-        preview = _preview(slide, thumb, params.thumbnail_px)
+        preview = _shrink(image, params.thumbnail_px)
         overlay = draw_overlay(preview, mask, coords, geometry.level0_px, (width, height))
         _write_png(png_path, overlay)
         warnings = []
@@ -177,15 +180,13 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         )
 
 
-def _preview(slide: Slide, thumb: np.ndarray, max_px: int) -> np.ndarray:
-    """The preview image: the mask thumbnail shrunk, or a larger thumbnail read when it is small."""
-    longest = max(thumb.shape[:2])
-    if longest >= max_px:
-        scale = max_px / longest
-        return resize_rgb(thumb, (max(1, round(thumb.shape[1] * scale)), max(1, round(thumb.shape[0] * scale))))
-    if longest >= max(slide.dimensions):
-        return thumb
-    return slide.thumbnail(max_px)
+def _shrink(rgb: np.ndarray, max_px: int) -> np.ndarray:
+    """``rgb`` resized (antialiased) so that its longest side is at most ``max_px``."""
+    longest = max(rgb.shape[:2])
+    if longest <= max_px:
+        return rgb
+    scale = max_px / longest
+    return resize_rgb(rgb, (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale))))
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
