@@ -105,6 +105,23 @@ def test_recompute_keeps_one_chunk_graph_alive() -> None:
     assert peak("recompute", chunk * n_chunks) <= 1.05 * peak("recompute", chunk * 2)
 
 
+def test_recompute_streams_the_attention_aggregator() -> None:
+    """GMA's per-tile MLP activations (K x 512) are not kept for all tiles at once in recompute mode."""
+    model = _model(drop=0.0)
+    model.aggregator.embed = _Metered(model.aggregator.embed)
+    y = torch.tensor([1])
+
+    def peak(mode: str, k: int) -> int:
+        model.zero_grad(set_to_none=True)
+        meter = model.aggregator.embed.meter = SavedTensorMeter()
+        step(model, _slides([k]), y, F.cross_entropy, mode=mode, chunk_tiles=4)
+        assert meter.current_bytes == 0
+        return meter.peak_bytes
+
+    assert peak("full", 64) > 10 * peak("full", 4)
+    assert peak("recompute", 64) <= 1.05 * peak("recompute", 4)
+
+
 def test_existing_grads_are_accumulated_not_overwritten() -> None:
     model = _model(drop=0.0)
     slides, y = _slides([9, 6]), torch.tensor([0, 1])

@@ -1,8 +1,9 @@
 """The naive single-process reference every engine configuration is checked against.
 
 One autograd graph over all K tiles of all slides: encode (chunk by chunk, each chunk under the seed the
-engine uses, so dropout draws the same masks), concatenate, aggregate, one loss, one ``backward()``.
-Deliberately written without any of the engine's machinery (no gathers, no manual backward, no stashing).
+engine uses, so dropout draws the same masks), concatenate, aggregate (``aggregate_graph``: the model's forward
+with the same per-chunk seeds), one loss, one ``backward()``. Deliberately written without the engine's
+machinery (no gathers, no streaming, no manual backward, no gradient stashing).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from fullslide.engine.aggregate import aggregate_graph
 from fullslide.engine.mesh import chunk_bounds
 from fullslide.engine.recompute import autocast_ctx
-from fullslide.engine.rng import AGGREGATOR_CHUNK, derive_seed, seeded
+from fullslide.engine.rng import derive_seed, seeded
 from fullslide.engine.step import LossFn
 
 
@@ -37,8 +39,9 @@ def reference_step(
             with seeded(derive_seed(step_seed, i, c), device), autocast_ctx(device, amp_dtype):
                 feats.append(model.encoder(tiles[start:stop].to(device)))
         features = torch.cat(feats).float()  # [K_i, D], graph over every tile
-        with seeded(derive_seed(step_seed, i, AGGREGATOR_CHUNK), device):
-            logits.append(model.aggregator(features).logits.float())
+        out = aggregate_graph(model.aggregator, features, chunk_tiles=chunk_tiles, step_seed=step_seed,
+                              slide_index=i, device=device)
+        logits.append(out.logits.float())
     loss = loss_fn(torch.stack(logits), targets.to(device))
     loss.backward()
     return float(loss.detach())

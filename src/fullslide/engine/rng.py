@@ -31,3 +31,8 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(seed)
         yield
+
+
+def aggregator_tile_chunk(chunk_index: int) -> int:
+    """Chunk index (in seed space) of an attention-pooling aggregator's tile stage on encoder chunk ``chunk_index``."""
+    return -2 - chunk_index

@@ -8,7 +8,8 @@ number of processes and their layout. The phases, each a named function below:
 2. gather     features inside the tile-parallel group -> every rank holds ``[K, D]`` of its slides;
 3. aggregate  every slide on every rank of its group (replicated: no idle rank, no scatter), exchange the
               step's logits over the world, compute the loss, backpropagate to the aggregator and to the
-              features (dLoss/dFeatures, ``[K, D]``);
+              features (dLoss/dFeatures, ``[K, D]``); in ``recompute`` mode attention-pooling aggregators are
+              streamed chunk by chunk too (``aggregate.py``), so no K x hidden activations are kept;
 4. backward   through the encoder with this rank's slice of dLoss/dFeatures (re-encoding chunk by chunk in
               ``recompute`` mode);
 5. reduce     gradients over the world, so every rank ends with the single-process gradient.
@@ -24,10 +25,10 @@ import torch
 from torch import nn
 
 from fullslide.engine import recompute
+from fullslide.engine.aggregate import aggregate_graph, is_attention_pooling, stream_backward, stream_forward
 from fullslide.engine.collectives import ParallelContext, all_gather_rows, all_reduce_gradients, share_rows
 from fullslide.engine.mesh import chunk_bounds, rank_chunk_range, rank_tile_range
 from fullslide.engine.recompute import MODES, Mode, autocast_ctx
-from fullslide.engine.rng import AGGREGATOR_CHUNK, derive_seed, seeded
 from fullslide.errors import FullslideError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,7 +65,7 @@ class StepResult:
 
     loss: float  # loss_fn over every slide of the step (all slide groups); the same on every rank
     logits: torch.Tensor  # [N, C] logits of every slide of the step, detached, on CPU
-    attention: dict[int, torch.Tensor]  # slide index -> [k_total] attention/scores (this rank's slides)
+    attention: dict[int, torch.Tensor]  # slide index -> [k_total] pooling weights/scores (this rank's slides)
     tiles_encoded: int  # tiles this rank encoded in phase 1
 
 
@@ -182,10 +183,12 @@ def step(
         # Phase 2: every rank of the group gets all K features of its slides.
         feats = [f.requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
         # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
-        outs = []
-        for b, f in zip(items, feats):
-            with seeded(derive_seed(step_seed, b.index, AGGREGATOR_CHUNK), device):
-                outs.append(aggregator(f))  # logits [C], attention [K]
+        streamed = mode == "recompute" and is_attention_pooling(aggregator)
+        agg_kw = dict(chunk_tiles=chunk_tiles, step_seed=step_seed, device=device)
+        outs = [
+            (stream_forward if streamed else aggregate_graph)(aggregator, f, slide_index=b.index, **agg_kw)
+            for b, f in zip(items, feats)
+        ]
         n_classes = outs[0].logits.numel() if outs else _n_classes(model, feature_dim, device)
         rows = torch.zeros((n_total, n_classes), device=device)
         if ctx.tp_rank == 0:  # one writer per slide, so the world sum below is exact
@@ -201,6 +204,9 @@ def step(
             torch.autograd.backward(
                 [o.logits for o in outs], [grad_logits[b.index].to(o.logits.dtype) for b, o in zip(items, outs)]
             )
+        if streamed:  # re-run the tile stage chunk by chunk: aggregator grads and dLoss/dFeatures
+            for b, f, o in zip(items, feats, outs):
+                stream_backward(aggregator, f, o, slide_index=b.index, **agg_kw)
         # Phase 4: backpropagate this rank's slice of dLoss/dFeatures through the encoder.
         for b, p, f in zip(items, passes, feats):
             if p is None or not enc_params:

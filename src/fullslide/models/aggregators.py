@@ -24,7 +24,35 @@ class AggregatorOutput:
     tile_logits: torch.Tensor | None = None  # [K, C] where the aggregator classifies tiles
 
 
-class GatedAttentionMIL(nn.Module):
+class AttentionPooling(nn.Module):
+    """Attention-pooling MIL split into a per-tile stage and a pooled head.
+
+    ``tile_stage(feats [k, D]) -> (h [k, H], a [k])`` works on each tile independently; the slide embedding is
+    ``z = softmax(a) @ h`` and the logits are ``pool_head(z)``. The split lets the engine stream the tile stage
+    chunk by chunk (``recompute`` mode keeps only the K attention scores, not K x H activations).
+    """
+
+    tile_logits_are_h = False  # mean pooling: h are per-tile logits
+
+    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def pool_head(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output(self, logits: torch.Tensor, weights: torch.Tensor, h: torch.Tensor) -> AggregatorOutput:
+        """Package pooled logits; the heatmap score is the attention weight, or for mean pooling the tile logit."""
+        if self.tile_logits_are_h:
+            return AggregatorOutput(logits=logits, attention=h[:, -1], tile_logits=h)
+        return AggregatorOutput(logits=logits, attention=weights)
+
+    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+        h, a = self.tile_stage(feats)  # [K, H], [K]
+        weights = torch.softmax(a, dim=0)  # [K]
+        return self.output(self.pool_head(weights @ h), weights, h)
+
+
+class GatedAttentionMIL(AttentionPooling):
     """Gated attention MIL ("GMA") as Campanella et al. 2024 use it.
 
     Linear D->512, ReLU, Linear 512->512, ReLU, dropout 0.25; gated attention
@@ -44,15 +72,16 @@ class GatedAttentionMIL(nn.Module):
         self.attn_w = nn.Linear(attn_hidden, 1)
         self.head = nn.Linear(hidden, n_classes)
 
-    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
-        h = self.embed(feats)  # [K, H]
-        a = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)  # [K]
-        weights = torch.softmax(a, dim=0)  # [K]
-        slide = weights @ h  # [H]
-        return AggregatorOutput(logits=self.head(slide), attention=weights)
+    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(feats)  # [k, H]
+        a = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)  # [k]
+        return h, a
+
+    def pool_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
 
 
-class AttentionMIL(nn.Module):
+class AttentionMIL(AttentionPooling):
     """ABMIL (Ilse et al. 2018): embedding, then (non-gated by default) tanh attention pooling, linear head."""
 
     def __init__(
@@ -71,45 +100,48 @@ class AttentionMIL(nn.Module):
         self.attn_w = nn.Linear(attn_hidden, 1)
         self.head = nn.Linear(hidden, n_classes)
 
-    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
-        h = self.embed(feats)  # [K, H]
-        z = torch.tanh(self.attn_v(h))  # [K, A]
+    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(feats)  # [k, H]
+        z = torch.tanh(self.attn_v(h))  # [k, A]
         if self.attn_u is not None:
             z = z * torch.sigmoid(self.attn_u(h))
-        weights = torch.softmax(self.attn_w(z).squeeze(-1), dim=0)  # [K]
-        return AggregatorOutput(logits=self.head(weights @ h), attention=weights)
+        return h, self.attn_w(z).squeeze(-1)
+
+    def pool_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
 
 
-class _TileClassifier(nn.Module):
-    """Shared by mean and max pooling: a small MLP that classifies every tile."""
-
-    def __init__(self, in_dim: int, n_classes: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
-
-    def tile_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.mlp(feats)  # [K, C]
+def _tile_mlp(in_dim: int, n_classes: int, hidden: int, dropout: float) -> nn.Sequential:
+    """The per-tile classifier of mean and max pooling."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
 
-class MeanMIL(_TileClassifier):
-    """Mean of per-tile logits; the heatmap score is each tile's logit for the last class."""
+class MeanMIL(AttentionPooling):
+    """Mean of per-tile logits (attention pooling with uniform weights); heatmap score: last-class tile logit."""
+
+    tile_logits_are_h = True
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25) -> None:
-        super().__init__(in_dim, n_classes, hidden, dropout)
+        super().__init__()
+        self.mlp = _tile_mlp(in_dim, n_classes, hidden, dropout)
 
-    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
-        t = self.tile_logits(feats)  # [K, C]
-        return AggregatorOutput(logits=t.mean(0), attention=t[:, -1], tile_logits=t)
+    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.mlp(feats)  # [k, C]
+        return t, t.new_zeros(t.shape[0])
+
+    def pool_head(self, z: torch.Tensor) -> torch.Tensor:
+        return z
 
 
-class MaxMIL(_TileClassifier):
+class MaxMIL(nn.Module):
     """Per-class max of per-tile logits; the heatmap score is each tile's logit for the last class."""
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.25) -> None:
-        super().__init__(in_dim, n_classes, hidden, dropout)
+        super().__init__()
+        self.mlp = _tile_mlp(in_dim, n_classes, hidden, dropout)
 
     def forward(self, feats: torch.Tensor) -> AggregatorOutput:
-        t = self.tile_logits(feats)  # [K, C]
+        t = self.mlp(feats)  # [K, C]
         return AggregatorOutput(logits=t.max(0).values, attention=t[:, -1], tile_logits=t)
 
 
