@@ -1,0 +1,1 @@
+"""Training, evaluation and their bookkeeping: config, trainer loop, checkpoints, losses, metrics, logs."""
