@@ -91,7 +91,7 @@ def split_counts(n_patients: int, fractions: Sequence[float]) -> list[int]:
 
 
 def _interleaved(counts: Sequence[int]) -> list[int]:
-    """A sequence holding ``counts[s]`` copies of each s, each spread evenly along it (so any stretch is ~proportional)."""
+    """``counts[s]`` copies of each s, each spread evenly, so that any stretch holds them about in proportion."""
     marks = [((k + 0.5) / c, s) for s, c in enumerate(counts) for k in range(c)]
     return [s for _, s in sorted(marks)]
 
@@ -102,7 +102,8 @@ def _check_options(method: str, folds: int, fold: int, fractions: Sequence[float
         raise ConfigError(f"split method: unknown '{method}'; choose one of {', '.join(SPLIT_METHODS)}")
     if method == "kfold":
         if not isinstance(folds, int) or folds < 3:
-            raise ConfigError(f"folds: must be an integer >= 3 (one test fold, one val fold, the rest train), got {folds}")
+            raise ConfigError(f"folds: must be an integer >= 3 (one test fold, one val fold, the rest train), "
+                              f"got {folds}")
         if not isinstance(fold, int) or not 0 <= fold < folds:
             raise ConfigError(f"fold: must be in [0, {folds - 1}], got {fold}")
     if method == "fractions":
@@ -212,7 +213,8 @@ def read_splits_csv(path: str | Path) -> dict[str, str]:
             raise cell_error(source, row, "split", f"unknown split '{row.cells['split']}'; "
                              f"allowed: {', '.join(SPLIT_NAMES)}")
         if slide_id in splits:
-            raise cell_error(source, row, "slide_id", f"duplicate slide id '{slide_id}' (first at row {first_row[slide_id]})")
+            raise cell_error(source, row, "slide_id",
+                             f"duplicate slide id '{slide_id}' (first at row {first_row[slide_id]})")
         pid = row.cells.get("patient_id") or ""
         if pid:
             first = patient.setdefault(pid, (split, row.row))
