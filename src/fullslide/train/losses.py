@@ -28,6 +28,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TASKS = ("classification", "survival", "regression")
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 for a numerically safe loss; float32/float64 unchanged (gradcheck runs in float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def n_outputs(task: str, n_classes: int = 0) -> int:
     """Model output width: ``n_classes`` for classification (>= 2), 1 for survival and regression."""
     if task == "classification":
@@ -59,7 +64,7 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> tor
     share one risk set (Breslow). Builds an ``[N, N]`` at-risk mask, fine for the slides of one step.
     With no event the sum is empty and the result is ``0 * risk.sum()``-like: zero, with zero gradients.
     """
-    risk = risk.float()  # [N]; log-sum-exp in float32 even under bf16 autocast
+    risk = _upcast(risk)  # [N]; log-sum-exp in at least float32, even under bf16 autocast
     time, event = time.to(risk), event.to(risk)
     at_risk = time[None, :] >= time[:, None]  # [N, N]: row i's risk set
     log_denominator = risk[None, :].masked_fill(~at_risk, float("-inf")).logsumexp(dim=1)  # [N], finite (j = i)
@@ -98,8 +103,9 @@ def make_loss(
 
     def classification(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         check(logits, targets, ())
-        weight = None if class_weights is None else torch.tensor(weights, dtype=torch.float32, device=logits.device)
-        return F.cross_entropy(logits.float(), targets.long(), weight=weight)
+        logits = _upcast(logits)
+        weight = None if class_weights is None else torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+        return F.cross_entropy(logits, targets.long(), weight=weight)
 
     def survival(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         check(logits, targets, (2,))
@@ -108,7 +114,8 @@ def make_loss(
     def regression(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         check(logits, targets, ())
         fn = F.mse_loss if regression_loss == "mse" else F.l1_loss
-        return fn(logits[:, 0].float(), targets.float())
+        value = _upcast(logits[:, 0])  # [N]
+        return fn(value, targets.to(value))
 
     return {"classification": classification, "survival": survival, "regression": regression}[task]
 
