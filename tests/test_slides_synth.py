@@ -94,7 +94,7 @@ def test_focal_lesions_cover_the_requested_share_and_look_different(synth_cohort
         lesion, normal = tiles[cover > 0.75], tiles[cover == 0]
         assert len(lesion) >= 2
         assert _haematoxylin(lesion).mean() > _haematoxylin(normal).mean() + 0.2
-        dark = lambda t: (t[..., 1] < 100).mean()  # noqa: E731  (green is absorbed by hematoxylin and eosin)
+        dark = lambda t: (t[..., 1] < 100).mean()
         assert dark(lesion) > 3 * dark(normal)
     with pytest.raises(ValueError, match="mask_downsample"):
         lesion_fraction(np.zeros((4, 4), bool), np.zeros((1, 2)), 64)
@@ -151,7 +151,7 @@ def test_writing_is_streamed_with_bounded_memory(tmp_path: Path) -> None:
         finally:
             tracemalloc.stop()
 
-    small, tall = peak(1024), peak(8192)
+    small, tall = peak(1024), peak(12288)
     assert tall < 1.3 * small, (small, tall)
-    assert tall < 1024 * 8192 * 3  # far below the image it wrote
-    assert open_slide(tmp_path / "h8192.tiff").level_dimensions[0] == (1024, 8192)
+    assert tall < 1024 * 12288 * 3  # below the size of the image it wrote
+    assert open_slide(tmp_path / "h12288.tiff").level_dimensions[0] == (1024, 12288)

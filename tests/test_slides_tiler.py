@@ -191,7 +191,7 @@ def test_csv_inputs_relative_paths_ids_and_mpp(synth_slide: Path, rgb_image: Pat
     assert by_id["case_a"].status == "ok" and by_id["case_a"].mpp == 0.5
     assert by_id["case_b"].status == "ok" and by_id["case_b"].mpp == 2.0  # plain image with the CSV's mpp
     assert by_id["s"].status == "ok"  # id from the file stem
-    coords, geometry = read_coords(tmp_path / "out" / "patches" / "case_b.h5")
+    _, geometry = read_coords(tmp_path / "out" / "patches" / "case_b.h5")
     assert geometry.slide_mpp == 2.0 and geometry.read_px == 16  # 64 px at 0.5 mpp from a 2.0 mpp image: upsampled
     assert "coarser than the target" in by_id["case_b"].message
     # folder input: scans for slide suffixes; duplicate ids are errors, not overwrites
@@ -226,3 +226,15 @@ def test_info_prints_each_slide_and_failures(real_svs: Path, synth_slide: Path, 
     assert line == f"fullslide info: error: {tmp_path / 'nope.svs'}: file not found"
     assert main(["info", "--backend", "tiffslide", str(real_svs)]) == 0
     assert "backend: tiffslide" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_tiff_without_resolution_has_no_mpp_on_both_backends(synth_slide: Path, tmp_path: Path, backend: str) -> None:
+    from fullslide.slides import open_slide
+
+    path = _no_mpp_tiff(tmp_path / "nompp.tiff", synth_slide)
+    slide = open_slide(path, backend=backend)
+    assert slide.mpp is None
+    with pytest.raises(SlideError, match=r"--mpp"):
+        slide.require_mpp()
+    assert open_slide(path, backend=backend, mpp=0.5).require_mpp() == 0.5

@@ -30,7 +30,18 @@ _EXPORTS = {
     "TilingParams": "fullslide.slides.tiler",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Slide",
+    "SlideBackend",
+    "TileGeometry",
+    "TileResult",
+    "TilingParams",
+    "open_slide",
+    "plan_tile_geometry",
+    "read_coords",
+    "tile_slides",
+    "write_coords",
+]
 
 
 def __getattr__(name: str) -> Any:

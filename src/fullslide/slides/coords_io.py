@@ -7,8 +7,9 @@ patch_level, downsample, level_dim, name; ours beside them). Files are written a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

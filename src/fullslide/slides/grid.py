@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class TileGeometry:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> "TileGeometry":
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> TileGeometry:
         """Inverse of :meth:`to_attrs`; raises KeyError or ValueError on a missing or bad value."""
         downsample = np.asarray(attrs["downsample"], dtype=np.float64).reshape(-1)
         return cls(
@@ -183,7 +184,10 @@ def box_coverage(
     if values.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {values.shape}")
     xy = np.asarray(level0_xy, dtype=np.float64).reshape(-1, 2)
-    sx, sy = (mask_downsample, mask_downsample) if np.isscalar(mask_downsample) else mask_downsample
+    if isinstance(mask_downsample, (int, float, np.number)):
+        sx = sy = float(mask_downsample)
+    else:
+        sx, sy = (float(v) for v in mask_downsample)
     sat = np.zeros((values.shape[0] + 1, values.shape[1] + 1), dtype=np.float64)
     np.cumsum(np.cumsum(values, axis=0), axis=1, out=sat[1:, 1:])
     x0, x1 = xy[:, 0] / sx, (xy[:, 0] + level0_px) / sx

@@ -6,16 +6,19 @@ mpp (their dpi fields are screen defaults), so the user supplies it.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 import numpy as np
 
 from fullslide.errors import SlideError
 from fullslide.slides.base import BACKGROUND, SlideBackend
 
-#: Largest plain image opened (pixels); bigger ones belong in a pyramidal TIFF.
-MAX_IMAGE_PIXELS = 40_000 * 40_000
+#: Largest plain image opened (pixels; Pillow's own decompression-bomb limit); bigger ones belong
+#: in a pyramidal TIFF.
+MAX_IMAGE_PIXELS = 178_956_970
 
 
 class ImageBackend(SlideBackend):
@@ -27,15 +30,18 @@ class ImageBackend(SlideBackend):
         from PIL import Image
 
         try:
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise SlideError(
-                        path,
-                        f"plain image of {image.width}x{image.height} px is too large to decode in memory; "
-                        "convert it to a pyramidal TIFF",
-                    )
-                fmt = (image.format or "image").lower()
-                rgb = _to_rgb(image)
+            with warnings.catch_warnings():
+                # the size limit below replaces Pillow's DecompressionBombWarning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    if image.width * image.height > MAX_IMAGE_PIXELS:
+                        raise SlideError(
+                            path,
+                            f"plain image of {image.width}x{image.height} px is too large to decode in memory; "
+                            "convert it to a pyramidal TIFF",
+                        )
+                    fmt = (image.format or "image").lower()
+                    rgb = _to_rgb(image)
         except SlideError:
             raise
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL's unreadable/truncated errors
@@ -43,7 +49,7 @@ class ImageBackend(SlideBackend):
         self._init(rgb, fmt)
 
     @classmethod
-    def from_array(cls, rgb: np.ndarray, vendor: str = "array") -> "ImageBackend":
+    def from_array(cls, rgb: np.ndarray, vendor: str = "array") -> ImageBackend:
         """A backend over a uint8 [h, w, 3] array, without a file."""
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -81,7 +87,7 @@ class ImageBackend(SlideBackend):
         return self._rgb[y : y + size_wh[1], x : x + size_wh[0]]
 
 
-def _to_rgb(image: "object") -> np.ndarray:
+def _to_rgb(image: object) -> np.ndarray:
     """Decode a PIL image to uint8 RGB, compositing any transparency onto white."""
     from PIL import Image
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from fullslide.errors import CohortError, FullslideError, SlideError
 from fullslide.slides.open import SLIDE_SUFFIXES

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fullslide.errors import SlideError
 from fullslide.slides.base import Slide, SlideBackend

@@ -14,10 +14,12 @@ done. At any time only a few tile rows per level are held.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -49,7 +51,7 @@ def encode_tile(tile: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
 
 def _tiles_of_rows(rows: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
     """Cut up to ``tile_px`` rows into tiles, left to right, padded with white to full tiles."""
-    height, width = rows.shape[:2]
+    width = rows.shape[1]
     for x in range(0, width, tile_px):
         tile = rows[:, x : x + tile_px]
         if tile.shape[0] != tile_px or tile.shape[1] != tile_px:
@@ -62,7 +64,7 @@ def _tiles_of_rows(rows: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
 class _LevelSpool:
     """One reduced level: halves the rows of the level above and spools its encoded tiles."""
 
-    def __init__(self, dims: tuple[int, int], tile_px: int, quality: int, spool: BinaryIO, below: "_LevelSpool | None") -> None:
+    def __init__(self, dims: tuple[int, int], tile_px: int, quality: int, spool: BinaryIO, below: _LevelSpool | None) -> None:
         self.width, self.height = dims
         self.tile_px, self.quality = tile_px, quality
         self.spool = spool
@@ -141,45 +143,41 @@ def write_pyramidal_tiff(
     # BigTIFF once a file could pass 4 GB (JPEG rarely compresses H&E less than 4:1)
     bigtiff = width * height * 3 > 4 * 2**32 // 3
     path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.spool-") as spool_dir:
-        spools = [open(Path(spool_dir) / f"level{k}.jpg", "w+b") for k in range(1, len(dims))]
-        try:
-            chain: _LevelSpool | None = None
-            for k in range(len(dims) - 1, 0, -1):
-                chain = _LevelSpool(dims[k], tile_px, quality, spools[k - 1], chain)
-            levels: list[_LevelSpool] = []
-            node = chain
-            while node is not None:
-                levels.append(node)
-                node = node.below
+    chain: _LevelSpool | None = None  # level 1, which feeds level 2, ...
 
-            def level0_tiles() -> Iterator[bytes]:
-                done = 0
-                for strip in strips:
-                    strip = np.asarray(strip)
-                    expected = min(tile_px, height - done)
-                    if strip.shape != (expected, width, 3) or strip.dtype != np.uint8:
-                        raise ValueError(f"strip at row {done}: expected uint8 {(expected, width, 3)}, got {strip.dtype} {strip.shape}")
-                    done += expected
-                    if chain is not None:
-                        chain.push(strip)
-                        if done == height:
-                            chain.finish()  # before the last tiles go out: tifffile may stop pulling
-                    for tile in _tiles_of_rows(strip, tile_px):
-                        yield encode_tile(tile, quality)
-                if done != height:
-                    raise ValueError(f"strips covered {done} rows, expected {height}")
+    def level0_tiles() -> Iterator[bytes]:
+        done = 0
+        for strip in strips:
+            strip = np.asarray(strip)
+            expected = min(tile_px, height - done)
+            if strip.shape != (expected, width, 3) or strip.dtype != np.uint8:
+                raise ValueError(f"strip at row {done}: expected uint8 {(expected, width, 3)}, got {strip.dtype} {strip.shape}")
+            done += expected
+            if chain is not None:
+                chain.push(strip)
+                if done == height:
+                    chain.finish()  # before the last tiles go out: tifffile may stop pulling after them
+            for tile in _tiles_of_rows(strip, tile_px):
+                yield encode_tile(tile, quality)
+        if done != height:
+            raise ValueError(f"strips covered {done} rows, expected {height}")
 
-            common = dict(dtype=np.uint8, tile=(tile_px, tile_px), compression="jpeg", photometric="rgb",
-                          resolutionunit="CENTIMETER", metadata=None, software="fullslide")
-            with tifffile.TiffWriter(path, bigtiff=bigtiff) as tiff:
-                tiff.write(level0_tiles(), shape=(height, width, 3), resolution=(1e4 / mpp, 1e4 / mpp),
-                           description=description, **common)
-                for k, level in enumerate(levels, start=1):
-                    level_mpp = mpp * width / dims[k][0]
-                    tiff.write(level.tiles(), shape=(dims[k][1], dims[k][0], 3), subfiletype=1,
-                               resolution=(1e4 / level_mpp, 1e4 / level_mpp), **common)
-        finally:
-            for fh in spools:
-                fh.close()
+    common: dict[str, Any] = {
+        "dtype": np.uint8, "tile": (tile_px, tile_px), "compression": "jpeg", "photometric": "rgb",
+        "resolutionunit": "CENTIMETER", "metadata": None, "software": "fullslide",
+    }
+    with contextlib.ExitStack() as stack:
+        spool_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.spool-")))
+        levels: list[_LevelSpool] = []
+        for k in range(len(dims) - 1, 0, -1):
+            spool = stack.enter_context(open(spool_dir / f"level{k}.jpg", "w+b"))
+            chain = _LevelSpool(dims[k], tile_px, quality, spool, chain)
+            levels.insert(0, chain)
+        tiff = stack.enter_context(tifffile.TiffWriter(path, bigtiff=bigtiff))
+        tiff.write(level0_tiles(), shape=(height, width, 3), resolution=(1e4 / mpp, 1e4 / mpp),
+                   description=description, **common)
+        for k, level in enumerate(levels, start=1):
+            level_mpp = mpp * width / dims[k][0]
+            tiff.write(level.tiles(), shape=(dims[k][1], dims[k][0], 3), subfiletype=1,
+                       resolution=(1e4 / level_mpp, 1e4 / level_mpp), **common)
     return dims

@@ -17,9 +17,10 @@ import csv
 import dataclasses
 import io
 import math
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 

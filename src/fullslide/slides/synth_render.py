@@ -192,8 +192,8 @@ def _nuclei(layout: SlideLayout, x0: int, y0: int, width: int, height: int) -> n
     ex0, ey0, ew, eh = x0 - margin, y0 - margin, width + 2 * margin, height + 2 * margin
     cx = np.arange(math.floor(ex0 / cell), math.floor((ex0 + ew) / cell) + 1, dtype=np.int64)
     cy = np.arange(math.floor(ey0 / cell), math.floor((ey0 + eh) / cell) + 1, dtype=np.int64)
-    gx, gy = np.meshgrid(cx, cy)
-    gx, gy = gx.ravel(), gy.ravel()
+    mesh_x, mesh_y = np.meshgrid(cx, cy)
+    gx, gy = mesh_x.ravel(), mesh_y.ravel()
     px = (gx + hash01(gx, gy, layout.seed, 10)) * cell
     py = (gy + hash01(gx, gy, layout.seed, 11)) * cell
     tissue = _ramp(sample(layout.tissue_sdf, px, py, layout.layout_ds), 2 * um)

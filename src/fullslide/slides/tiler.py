@@ -15,10 +15,10 @@ import math
 import sys
 import tempfile
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import as_completed
+from collections.abc import Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -51,7 +51,7 @@ class TilingParams:
     """Minimal tissue fraction of a tile for it to be kept (0 < t <= 1)."""
     match_tolerance: float = DEFAULT_MATCH_TOLERANCE
     """A pyramid level within this relative mpp difference is read without resampling."""
-    tissue: TissueParams = TissueParams()
+    tissue: TissueParams = dataclasses.field(default_factory=TissueParams)
     """Tissue-mask settings."""
     thumbnail_px: int = 1024
     """Longest side of the preview PNG."""
