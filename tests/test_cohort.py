@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,7 +182,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("text", "kwargs", "message"), BAD_INPUTS)
-def test_bad_input_names_file_row_and_column(tmp_path: Path, text: str, kwargs: dict, message: str) -> None:
+def test_bad_input_names_file_row_and_column(tmp_path: Path, text: str, kwargs: dict[str, Any], message: str) -> None:
     csv = write_csv(tmp_path, text, files=False)
     with pytest.raises(CohortError, match=message) as info:
         CohortTable.from_csv(csv, check_paths=False, **kwargs)
@@ -198,7 +199,7 @@ def test_missing_csv_and_bad_encoding_and_bad_task(tmp_path: Path) -> None:
     with pytest.raises(CohortError, match=r"latin\.csv: not UTF-8 text"):
         CohortTable.from_csv(bad)
     with pytest.raises(ConfigError, match="task: unknown task 'segmentation'"):
-        CohortTable.from_csv(bad, task="segmentation")  # type: ignore[arg-type]
+        CohortTable.from_csv(bad, task="segmentation")
 
 
 def test_direct_construction_rejects_duplicates() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -205,7 +206,7 @@ def test_format_and_primary_metric() -> None:
     ("regression", [1.0, 2.0], [[0.1, 0.2], [0.3, 0.4]], "one prediction per slide"),
     ("classification", [], [], "no predictions"),
 ])
-def test_bad_inputs(task: str, y_true: list, y_pred: list, message: str) -> None:
+def test_bad_inputs(task: str, y_true: list[Any], y_pred: list[Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         compute_metrics(task, np.asarray(y_true), np.asarray(y_pred))
 

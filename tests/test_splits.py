@@ -20,7 +20,7 @@ def make_cohort(n_patients: int, *, positive_fraction: float = 0.3, seed: int = 
                 task: str = "classification", n_classes: int = 2) -> CohortTable:
     """A random cohort: 1..max_slides slides per patient; slides of one patient may disagree in label."""
     rng = np.random.default_rng(seed)
-    records = []
+    records: list[SlideRecord] = []
     for p in range(n_patients):
         base = int(rng.random() < positive_fraction) if n_classes == 2 else int(rng.integers(n_classes))
         for s in range(int(rng.integers(1, max_slides + 1))):
@@ -34,7 +34,7 @@ def make_cohort(n_patients: int, *, positive_fraction: float = 0.3, seed: int = 
             else:
                 records.append(SlideRecord(sid, Path(sid), pid, target=float(rng.normal()), row=len(records) + 1))
     classes = tuple(str(c) for c in range(n_classes)) if task == "classification" else ()
-    return CohortTable(SOURCE, task, tuple(records), classes)  # type: ignore[arg-type]
+    return CohortTable(SOURCE, task, tuple(records), classes)
 
 
 def patient_splits(cohort: CohortTable, splits: dict[str, str]) -> dict[str, str]:
@@ -50,7 +50,7 @@ def patient_splits(cohort: CohortTable, splits: dict[str, str]) -> dict[str, str
 def test_no_patient_leak_over_many_seeds(method: str) -> None:
     for seed in range(40):
         cohort = make_cohort(int(np.random.default_rng(seed).integers(5, 60)), seed=seed)
-        splits = assign_splits(cohort, method=method, seed=seed, fold=seed % 5)  # type: ignore[arg-type]
+        splits = assign_splits(cohort, method=method, seed=seed, fold=seed % 5)
         assert set(splits) == set(cohort.slide_ids)
         per_patient = patient_splits(cohort, splits)
         assert set(per_patient.values()) == {"train", "val", "test"}  # >= 5 patients: every split is used
@@ -161,7 +161,7 @@ def test_kfold_needs_enough_patients_and_options_are_checked() -> None:
     with pytest.raises(CohortError, match=r"mem\.csv: 4 patient\(s\), fewer than folds=5"):
         assign_splits(cohort, method="kfold", folds=5)
     with pytest.raises(ConfigError, match="split method: unknown 'random'"):
-        assign_splits(cohort, method="random")  # type: ignore[arg-type]
+        assign_splits(cohort, method="random")
     with pytest.raises(ConfigError, match="folds: must be an integer >= 3"):
         assign_splits(cohort, method="kfold", folds=2)
     with pytest.raises(ConfigError, match=r"fold: must be in \[0, 3\], got 4"):
@@ -177,8 +177,8 @@ def test_check_no_patient_leak_names_patient_and_splits() -> None:
     records = cohort.records + (SlideRecord("extra", Path("x"), cohort.records[0].patient_id, label="0"),)
     two = CohortTable(SOURCE, "classification", records, cohort.classes)
     splits = dict.fromkeys(two.slide_ids, "train") | {"extra": "test"}
-    pid = cohort.records[0].patient_id
-    with pytest.raises(CohortError, match=rf"patient '{pid}' is in two splits: 'train' \(slide '{records[0].slide_id}'\)"
+    pid, first = cohort.records[0].patient_id, records[0].slide_id
+    with pytest.raises(CohortError, match=rf"patient '{pid}' is in two splits: 'train' \(slide '{first}'\)"
                                           r" and 'test' \(slide 'extra'\)"):
         check_no_patient_leak(two, splits)
     with pytest.raises(CohortError, match="unknown split 'holdout'"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import re
 from pathlib import Path
@@ -99,7 +100,7 @@ def read_csv_rows(path: str | Path, required: Sequence[str]) -> tuple[list[str],
     for i, (line, cells) in enumerate(numbered[1:], start=1):
         if len(cells) != len(header):
             raise CohortError(f"{path}: row {i} (line {line}): {len(cells)} fields but the header has {len(header)}")
-        rows.append(CsvRow(i, line, {h: c.strip() for h, c in zip(header, cells)}))
+        rows.append(CsvRow(i, line, {h: c.strip() for h, c in zip(header, cells, strict=True)}))
     return header, rows
 
 
@@ -126,7 +127,7 @@ def sort_classes(labels: Iterable[str]) -> list[str]:
     numeric = all(_is_number(c) for c in unique)
     ordered = sorted(unique, key=lambda c: (float(c), c)) if numeric else sorted(unique, key=_natural_key)
     if numeric:
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in itertools.pairwise(ordered):
             if float(a) == float(b):
                 raise CohortError(f"labels '{a}' and '{b}' are the same number; write each class one way")
     return ordered

@@ -29,7 +29,7 @@ TASKS = ("classification", "survival", "regression")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 for a numerically safe loss; float32/float64 unchanged (gradcheck runs in float64)."""
+    """float16/bfloat16 -> float32 for a numerically safe loss; float32/float64 kept (gradcheck needs float64)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
