@@ -70,43 +70,43 @@ class _LevelSpool:
         self.spool = spool
         self.sizes: list[int] = []
         self.below = below
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
+        self._odd_row: np.ndarray | None = None
         self._rows_done = 0
         self._carry = np.empty((0, self.width, 3), dtype=np.uint8)
 
     def push(self, rows: np.ndarray) -> None:
-        """Take rows of the level above (full width); emit whole tile rows of this level."""
-        self._pending.append(rows)
-        self._pending_rows += rows.shape[0]
-        while self._pending_rows >= 2 * self.tile_px:
-            self._reduce(2 * self.tile_px)
+        """Take rows of the level above (full width): halve them now, emit whole tile rows."""
+        if self._odd_row is not None:  # an odd row waits for its partner
+            rows = np.concatenate([self._odd_row, rows], axis=0)
+            self._odd_row = None
+        if rows.shape[0] % 2:
+            self._odd_row = rows[-1:].copy()
+            rows = rows[:-1]
+        if rows.shape[0]:
+            self._take(box_reduce(rows, 2)[:, : self.width])
 
     def finish(self) -> None:
         """Flush what is left (the bottom edge), then the levels below."""
-        if self._pending_rows:
-            self._reduce(self._pending_rows)
+        if self._odd_row is not None:
+            self._take(box_reduce(self._odd_row, 2)[:, : self.width])  # edge row pairs with itself
+            self._odd_row = None
         if self._carry.shape[0]:
             self._emit(self._carry)
             self._carry = self._carry[:0]
         if self.below is not None:
             self.below.finish()
 
-    def _reduce(self, rows: int) -> None:
-        block = np.concatenate(self._pending, axis=0) if len(self._pending) > 1 else self._pending[0]
-        take, rest = block[:rows], block[rows:]
-        self._pending = [rest] if rest.shape[0] else []
-        self._pending_rows = rest.shape[0]
-        half = box_reduce(take, 2)[:, : self.width]
+    def _take(self, half: np.ndarray) -> None:
+        """Rows of this level: pass them down, and encode each completed tile row."""
         half = half[: self.height - self._rows_done]
         self._rows_done += half.shape[0]
-        if self.below is not None:
+        if self.below is not None and half.shape[0]:
             self.below.push(half)
         buffered = np.concatenate([self._carry, half], axis=0) if self._carry.shape[0] else half
         while buffered.shape[0] >= self.tile_px:
             self._emit(buffered[: self.tile_px])
             buffered = buffered[self.tile_px :]
-        self._carry = buffered
+        self._carry = buffered.copy() if buffered.base is not None else buffered
 
     def _emit(self, rows: np.ndarray) -> None:
         for tile in _tiles_of_rows(rows, self.tile_px):

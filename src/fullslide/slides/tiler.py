@@ -236,6 +236,8 @@ def tile_slides(
     )
     out = Path(out_dir)
     check_writable(out)
+    if isinstance(inputs, (str, Path)):  # one path, not an iterable of characters
+        inputs = [inputs]
     jobs, input_errors = collect_jobs(inputs, mpp=mpp)
     results: dict[int, TileResult] = {}
     bar = _progress_bar(len(jobs), progress)
