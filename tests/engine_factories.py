@@ -70,3 +70,22 @@ class WithBatchNorm(nn.Module):
 
 def with_batchnorm() -> nn.Module:
     return WithBatchNorm()
+
+
+class NanAfterFirst(nn.Module):
+    """An aggregator whose logits turn NaN after its first training call (to test the non-finite-loss stop)."""
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, n_classes)
+        self.calls = 0
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        logits = self.fc(feats.mean(0))
+        return logits * float("nan") if self.calls > 2 else logits
+
+
+def nan_after_first(in_dim: int, n_classes: int) -> nn.Module:
+    return NanAfterFirst(in_dim, n_classes)

@@ -15,6 +15,15 @@ from fullslide import __version__
 from fullslide.errors import FullslideError
 
 
+class _Formatter(logging.Formatter):
+    """Plain messages for progress (INFO); the level and source for warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return record.getMessage()
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand attached."""
     from fullslide.cli import app_cmds, engine_cmds, io_cmds
@@ -35,10 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler], force=True)
     try:
         return int(args.func(args) or 0)
     except FullslideError as exc:

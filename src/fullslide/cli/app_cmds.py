@@ -1,9 +1,138 @@
-"""Subcommands: placeholder until this area lands."""
+"""Subcommands of the application: config, train, eval, predict, extract, heatmap, demo."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+
+def _config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", type=Path, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Attach this module's subcommands to the top-level parser."""
+    """Attach the application's subcommands."""
+    p = sub.add_parser("config", help="print the default config (every key with its description)")
+    _config_args(p)
+    p.add_argument("--show", action="store_true", help="print the (resolved) config as YAML with descriptions")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train end-to-end (or on frozen features) from a config")
+    _config_args(p)
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on a split: predictions.csv + metrics.json with 95%% CIs")
+    p.add_argument("run_dir", type=Path, help="run folder made by `fullslide train`")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (test)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/eval/SPLIT)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict new slides with a trained run (tiles them if needed)")
+    p.add_argument("run_dir", type=Path, help="run folder made by `fullslide train`")
+    p.add_argument("inputs", nargs="+", metavar="SLIDES_OR_CSV", help="slide files, folders or a CSV with a path column")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
+    p.add_argument("--mpp", type=float, default=None, help="mpp for slides without metadata")
+    p.add_argument("--heatmaps", action="store_true", help="also draw heatmaps (PNG + GeoJSON) for every slide")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("extract", help="write per-slide tile features (HDF5) for the frozen-encoder baseline")
+    _config_args(p)
+    p.add_argument("--out", type=Path, default=None, help="features folder (default: data.features_dir)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("heatmap", help="attention heatmaps (PNG over the thumbnail + QuPath GeoJSON)")
+    p.add_argument("run_dir", type=Path, help="run folder made by `fullslide train`")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="slides of this split (test)")
+    p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide of the split)")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/heatmaps)")
+    p.set_defaults(func=cmd_heatmap)
+
+    p = sub.add_parser("demo", help="the main job on its built-in default: synthetic cohort -> E2E vs frozen -> report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (demo_out)")
+    p.add_argument("--slides", type=int, default=None, help="slides in the synthetic cohort")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of both models")
+    p.add_argument("--size", default=None, help="slide size WIDTHxHEIGHT")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fullslide.train.config import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fullslide.train.config import load_config
+    from fullslide.train.trainer import train
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.resume is not None:
+        run = train(resume=args.resume, progress=progress, overrides=tuple(args.overrides))
+    else:
+        if args.config is None:
+            print("fullslide train: error: give a CONFIG file or --resume RUN_DIR", file=sys.stderr)
+            return 2
+        run = train(load_config(args.config, args.overrides), progress=progress)
+    print(f"run folder: {run}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fullslide.train.evaluate import evaluate_run
+
+    out, metrics_line = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, out=args.out,
+                                     progress=not args.no_progress and sys.stderr.isatty())
+    print(metrics_line)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fullslide.train.evaluate import predict_new
+
+    out, n_ok, n_failed = predict_new(args.run_dir, args.inputs, args.out, checkpoint=args.checkpoint, mpp=args.mpp,
+                                      heatmaps=args.heatmaps, progress=not args.no_progress and sys.stderr.isatty())
+    print(f"{n_ok} slide(s) predicted, {n_failed} failed: {out}")
+    return 1 if n_failed else 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from fullslide.train.config import load_config
+    from fullslide.train.evaluate import extract
+
+    out, n_ok, n_failed = extract(load_config(args.config, args.overrides), out=args.out,
+                                  progress=not args.no_progress and sys.stderr.isatty())
+    print(f"{n_ok} slide(s) extracted, {n_failed} failed: {out}")
+    return 1 if n_failed else 0
+
+
+def cmd_heatmap(args: argparse.Namespace) -> int:
+    from fullslide.train.evaluate import heatmaps_for_run
+
+    out, n = heatmaps_for_run(args.run_dir, split=args.split, slide_ids=args.slides, checkpoint=args.checkpoint,
+                              out=args.out)
+    print(f"{n} heatmap(s) written to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fullslide.viz.demo import run_demo
+
+    report = run_demo(args.out, slides=args.slides, epochs=args.epochs, size=args.size, seed=args.seed,
+                      progress=not args.no_progress and sys.stderr.isatty())
+    print(f"report: {report}")
+    return 0

@@ -54,15 +54,17 @@ class ParallelContext:
 
 
 def init_parallel(
-    tile_parallel: int = 1, backend: str | None = None, timeout_s: float = 1800.0
+    tile_parallel: int = 1, backend: str | None = None, timeout_s: float = 1800.0, device: str = "auto"
 ) -> ParallelContext:
     """Join the job started by torchrun (or return a single-process context when there is none).
 
-    Uses NCCL and ``cuda:LOCAL_RANK`` when CUDA is available, gloo and the CPU otherwise. Every rank creates
-    every tile-parallel group (``new_group`` is collective) and keeps its own.
+    Uses NCCL and ``cuda:LOCAL_RANK`` when CUDA is available (``device`` "auto" or "cuda"), gloo and the CPU
+    otherwise. Every rank creates every tile-parallel group (``new_group`` is collective) and keeps its own.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())

@@ -55,8 +55,10 @@ class TileEncoder(nn.Module):
 class TinyCNN(nn.Module):
     """A small conv net (no BatchNorm) for tests and CPU demos: tiles of 16-128 px -> ``width * 4`` features.
 
-    It uses GroupNorm so that results do not depend on how tiles are chunked, and optional dropout
-    before the output so that tests can exercise stochastic layers.
+    It uses GroupNorm so that results do not depend on how tiles are chunked, ends with a LayerNorm so that
+    its features are centred and scaled (as a pretrained encoder's are; raw pooled ReLU outputs share a large
+    common offset that stalls attention MIL for many epochs), and has optional dropout before the output so
+    that tests can exercise stochastic layers.
     """
 
     def __init__(self, width: int = 16, drop_rate: float = 0.0, in_chans: int = 3) -> None:
@@ -71,11 +73,12 @@ class TinyCNN(nn.Module):
                 nn.ReLU(inplace=True),
             ]
         self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(4 * w)
         self.drop = nn.Dropout(drop_rate)
         self.num_features = 4 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x).mean(dim=(2, 3))  # [B, 4w]
+        h = self.norm(self.features(x).mean(dim=(2, 3)))  # [B, 4w]
         return self.drop(h)
 
 

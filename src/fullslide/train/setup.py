@@ -1,0 +1,199 @@
+"""Everything a run needs before its first step: cohort, patient-level splits, tiles, model.
+
+Used by ``train`` (which writes ``splits.csv`` and ``run.json``) and by ``eval`` / ``predict`` / ``heatmap``
+(which read them back). Slides are tiled on the fly into ``RUN/tiles`` when no coords exist for them;
+slides that cannot be tiled, hold no tissue, or lack features for a frozen run are left out with their
+one-line reason (counted and logged), never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fullslide.atomic import atomic_path, atomic_write_text
+from fullslide.data.cohort import CohortTable
+from fullslide.data.loader import SlideSource
+from fullslide.engine import ParallelContext
+from fullslide.errors import FullslideError
+from fullslide.train.config import Config
+
+log = logging.getLogger("fullslide.train")
+
+RUN_FILE = "run.json"
+SPLITS_FILE = "splits.csv"
+TILES_DIR = "tiles"
+
+
+@dataclass
+class RunData:
+    """The cohort of a run, its splits and the usable slides."""
+
+    cohort: CohortTable
+    splits: dict[str, str]
+    sources: dict[str, SlideSource] = field(default_factory=dict)  # usable slides by id
+    excluded: dict[str, str] = field(default_factory=dict)  # slide id -> one-line reason
+
+    def split_sources(self, split: str) -> list[SlideSource]:
+        return [self.sources[r.slide_id] for r in self.cohort.records
+                if self.splits.get(r.slide_id) == split and r.slide_id in self.sources]
+
+
+def barrier(ctx: ParallelContext) -> None:
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # COLLECTIVE (world): wait for rank 0's files (tiles, splits)
+
+
+def features_path(features_dir: str | Path, slide_id: str) -> Path:
+    """Where ``fullslide extract`` writes a slide's features."""
+    return Path(features_dir) / "features" / f"{slide_id}.h5"
+
+
+def _n_rows(h5_path: Path, dataset: str) -> int:
+    import h5py
+
+    with h5py.File(h5_path, "r") as h5:
+        return int(h5[dataset].shape[0])
+
+
+def ensure_tiles(
+    config: Config, cohort: CohortTable, run_dir: Path, ctx: ParallelContext, *, progress: bool = False
+) -> tuple[dict[str, SlideSource], dict[str, str]]:
+    """Coords for every slide (from ``data.coords_dir`` or tiled now into ``RUN/tiles``): (sources, excluded)."""
+    from fullslide.slides import tile_slides
+    from fullslide.slides.tiler import output_paths
+
+    given = Path(config.data.coords_dir) if config.data.coords_dir else None
+    own = run_dir / TILES_DIR
+    coords: dict[str, Path] = {}
+    todo = []
+    for r in cohort.records:
+        if given is not None and output_paths(given, r.slide_id)[0].exists():
+            coords[r.slide_id] = output_paths(given, r.slide_id)[0]
+        else:
+            todo.append(r)
+    excluded: dict[str, str] = {}
+    if todo:
+        if ctx.rank == 0:
+            own.mkdir(parents=True, exist_ok=True)
+            job_csv = own / "to_tile.csv"
+            with atomic_path(job_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["slide_id", "path", "mpp"])
+                for r in todo:
+                    writer.writerow([r.slide_id, str(r.path.resolve()), r.mpp or config.data.mpp or ""])
+            log.info("tiling %d slide(s) into %s", len(todo), own)
+            tile_slides([job_csv], own, target_mpp=config.data.target_mpp, tile_px=config.data.tile_px,
+                        tissue_threshold=config.data.tissue_threshold, workers=max(1, config.train.loader_workers),
+                        backend=config.data.backend, mpp=config.data.mpp, progress=progress)
+        barrier(ctx)
+        summary = _read_summary(own / "tiling_summary.csv")
+        for r in todo:
+            h5 = output_paths(own, r.slide_id)[0]
+            if h5.exists():
+                coords[r.slide_id] = h5
+            else:
+                excluded[r.slide_id] = summary.get(r.slide_id) or f"{r.path}: not tiled"
+    sources: dict[str, SlideSource] = {}
+    for r in cohort.records:
+        if r.slide_id not in coords:
+            continue
+        try:
+            n = _n_rows(coords[r.slide_id], "coords")
+        except Exception as exc:  # a corrupt coords file: this slide only
+            excluded[r.slide_id] = f"{coords[r.slide_id]}: unreadable coords ({exc})"
+            continue
+        if n == 0:
+            excluded[r.slide_id] = f"{r.path}: no tissue tiles"
+            continue
+        sources[r.slide_id] = SlideSource(slide_id=r.slide_id, path=str(r.path), n_tiles=n,
+                                          coords_h5=str(coords[r.slide_id]), mpp=r.mpp or config.data.mpp)
+    return sources, excluded
+
+
+def _read_summary(path: Path) -> dict[str, str]:
+    """slide_id -> message from the tiler's summary CSV (for reasons of exclusion)."""
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {row.get("slide_id", ""): row.get("message", "") for row in csv.DictReader(fh)}
+
+
+def attach_features(config: Config, sources: dict[str, SlideSource], excluded: dict[str, str]) -> None:
+    """Frozen runs read ``features/{id}.h5``; slides without one are excluded."""
+    if not config.data.features_dir:
+        raise FullslideError("encoder.freeze is true but data.features_dir is not set (run `fullslide extract` first)")
+    for slide_id in list(sources):
+        path = features_path(config.data.features_dir, slide_id)
+        if not path.exists():
+            excluded[slide_id] = f"{path}: no features (run `fullslide extract` for this slide)"
+            del sources[slide_id]
+            continue
+        old = sources[slide_id]
+        sources[slide_id] = SlideSource(slide_id=old.slide_id, path=old.path, n_tiles=_n_rows(path, "features"),
+                                        coords_h5=old.coords_h5, features_h5=str(path), mpp=old.mpp)
+
+
+def prepare_data(config: Config, run_dir: Path, ctx: ParallelContext, *, progress: bool = False) -> RunData:
+    """Cohort + splits (made and saved, or read back from the run) + usable slides."""
+    from fullslide.data.splits import assign_splits, check_no_patient_leak, read_splits_csv, write_splits_csv
+
+    cohort = CohortTable.from_csv(config.data.cohort, task=config.data.task, label_column=config.data.label_column)
+    splits_file = run_dir / SPLITS_FILE
+    if splits_file.exists():
+        splits = read_splits_csv(splits_file)
+        unknown = sorted(set(cohort.slide_ids) - set(splits))
+        if unknown:
+            raise FullslideError(f"{splits_file}: slide '{unknown[0]}' of the cohort has no split (the cohort changed?)")
+    else:
+        splits = assign_splits(cohort, method=config.data.split_method, folds=config.data.folds, fold=config.data.fold,
+                               fractions=tuple(config.data.fractions), seed=config.data.split_seed)
+        if ctx.rank == 0:
+            write_splits_csv(splits_file, cohort, splits)
+    check_no_patient_leak(cohort, splits)
+    sources, excluded = ensure_tiles(config, cohort, run_dir, ctx, progress=progress)
+    if config.encoder.freeze:
+        attach_features(config, sources, excluded)
+    for slide_id, why in excluded.items():
+        log.warning("left out %s: %s", slide_id, why)
+    return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded)
+
+
+def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=1))
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        raise FullslideError(f"{run_dir}: not a fullslide run folder (no {RUN_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_model(config: Config, n_outputs: int) -> torch.nn.Module:
+    """The run's SlideModel, initialised from ``train.seed`` (and the encoder's weights file, if any)."""
+    from fullslide.models import create_model
+
+    torch.manual_seed(config.train.seed)
+    return create_model(
+        config.encoder.name, config.aggregator.name, n_outputs, weights=config.encoder.weights,
+        tile_px=config.data.tile_px, drop_rate=config.encoder.drop_rate, drop_path_rate=config.encoder.drop_path_rate,
+        freeze_bn=config.encoder.freeze_bn, encoder_kwargs=config.encoder.kwargs,
+        aggregator_kwargs=config.aggregator.kwargs,
+    )
+
+
+def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype of the encoder: bf16 on GPU by default, none (fp32) on CPU."""
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -1,0 +1,335 @@
+"""``fullslide train``: end-to-end (or frozen-feature) training with the exact engine.
+
+Per epoch: a seeded plan of steps (``TileSampler``), tiles read ahead by loader workers (each rank only its
+share), ``engine.step`` for the exact gradient of the mean slide loss, AdamW with warm-up + cosine and separate
+encoder / aggregator learning rates, validation on ALL tiles of every validation slide, best-checkpoint
+selection and early stopping, metrics.csv + TensorBoard, a checkpoint every epoch. Ctrl-C saves a checkpoint
+at the current step; ``--resume RUN_DIR`` continues from it and replays the same steps an uninterrupted run
+would have taken. Runs unchanged under torchrun (``train.tile_parallel`` ranks share each slide).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fullslide.data.augment import Augment
+from fullslide.data.loader import StepDataset, make_loader
+from fullslide.data.sampler import TileSampler, step_seed
+from fullslide.engine import Bag, NonFiniteLossError, ParallelContext, init_parallel, step
+from fullslide.errors import FullslideError
+from fullslide.train import checkpoint as ckpt
+from fullslide.train.config import Config, dump_yaml, load_config
+from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
+from fullslide.train.setup import amp_dtype, build_model, prepare_data, write_run_info
+from fullslide.train.validate import evaluate_sources, selection
+
+log = logging.getLogger("fullslide.train")
+
+
+def make_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with encoder and aggregator groups (their own lr); no decay on biases and norm weights."""
+    groups = []
+    for part, lr in ((model.encoder, config.encoder.lr), (model.aggregator, config.aggregator.lr)):
+        params = list(part.parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups += [{"params": decay, "lr": lr, "weight_decay": config.train.weight_decay},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` of the peak, per step."""
+    total = max(1, config.train.epochs * steps_per_epoch)
+    warm = max(0, round(config.train.warmup_epochs * steps_per_epoch))
+    floor = config.train.min_lr_ratio
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        progress = min(1.0, (i - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _targets(data, slide_ids: list[str]) -> torch.Tensor:
+    """Targets rows for ``slide_ids`` (class index, (time, event) or value)."""
+    table = data.cohort.targets()
+    row = {r.slide_id: i for i, r in enumerate(data.cohort.records)}
+    values = table[[row[s] for s in slide_ids]]
+    return torch.as_tensor(values, dtype=torch.long if data.cohort.task == "classification" else torch.float32)
+
+
+def _class_weights(config: Config, data, train_ids: list[str]) -> list[float] | None:
+    from fullslide.train.losses import balanced_class_weights
+
+    spec = config.train.class_weights
+    if spec == "balanced":
+        return list(balanced_class_weights(_targets(data, train_ids).numpy(), len(data.cohort.classes)))
+    return spec
+
+
+def _agree_on_failures(ctx: ParallelContext, n: int, failures: list[tuple[int, str]]) -> list[int]:
+    """Positions of the step's slides that failed on ANY rank (all ranks must drop the same slides)."""
+    failed = torch.zeros(n, dtype=torch.int32)
+    for pos, message in failures:
+        failed[pos] = 1
+        log.warning("slide skipped this epoch: %s", message)
+    if ctx.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # COLLECTIVE (world): agree on unreadable slides, per step
+    return [i for i in range(n) if failed[i]]
+
+
+@contextlib.contextmanager
+def deferred_interrupt(flag: threading.Event):
+    """First Ctrl-C only sets ``flag`` (the loop stops at the end of the current step, in a consistent state);
+    a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+        log.warning("interrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    """One training run; ``run()`` returns the run folder."""
+
+    def __init__(self, config: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
+                 overrides: tuple[str, ...] = ()) -> None:
+        if resume is not None:
+            run_dir = Path(resume)
+            if not (run_dir / "config.yaml").exists():
+                raise FullslideError(f"{run_dir}: cannot resume, no config.yaml (not a fullslide run folder)")
+            config = load_config(run_dir / "config.yaml", overrides)
+        if config is None:
+            raise FullslideError("train: a config (or --resume RUN_DIR) is required")
+        self.config = config
+        self.run_dir = Path(config.run_dir) if resume is None else Path(resume)
+        self.resuming = resume is not None
+        self.progress = progress
+        self.stop = threading.Event()
+        self.ctx = init_parallel(config.train.tile_parallel, device=config.train.device)
+        self.rank0 = self.ctx.rank == 0
+        if not self.resuming and (self.run_dir / "checkpoints" / "last.json").exists():
+            raise FullslideError(f"{self.run_dir}: holds a run already; continue it with --resume {self.run_dir} "
+                                 "or choose another run_dir")
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from fullslide.atomic import atomic_write_text
+
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(config))
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from fullslide.train.losses import make_loss, n_outputs
+
+        cfg, ctx = self.config, self.ctx
+        self.data = prepare_data(cfg, self.run_dir, ctx, progress=self.progress and self.rank0)
+        self.train_src = self.data.split_sources("train")
+        self.val_src = self.data.split_sources("val")
+        if not self.train_src:
+            raise FullslideError(f"{cfg.data.cohort}: no usable training slide (see the warnings above)")
+        self.train_ids = [s.slide_id for s in self.train_src]
+        self.classes = self.data.cohort.classes
+        self.n_out = n_outputs(cfg.data.task, len(self.classes))
+        self.model = build_model(cfg, self.n_out).to(ctx.device)
+        if cfg.encoder.freeze:
+            self.model.encoder.requires_grad_(False)
+        self.amp = amp_dtype(cfg, ctx.device)
+        self.scaler = torch.amp.GradScaler(ctx.device.type) if self.amp == torch.float16 else None
+        self.loss_fn = make_loss(cfg.data.task, n_classes=len(self.classes),
+                                 class_weights=_class_weights(cfg, self.data, self.train_ids))
+        self.sampler = TileSampler([s.n_tiles for s in self.train_src], k=cfg.train.tiles_per_slide,
+                                   slides_per_step=cfg.train.slides_per_step * ctx.dims.slide_groups,
+                                   epoch_fraction=cfg.train.epoch_fraction, seed=cfg.train.seed)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.sampler.steps_per_epoch)
+        self.state: dict[str, Any] = {"epoch": 0, "next_step": 0, "global_step": 0, "best": None, "best_epoch": None,
+                                      "bad_epochs": 0, "history": [], "accum": None}
+        if self.resuming:
+            where = ckpt.checkpoint_dir(self.run_dir, "last")
+            self.state.update(ckpt.load_checkpoint(where, model=self.model, optimizer=self.optimizer,
+                                                   scheduler=self.scheduler, scaler=self.scaler))
+            log.info("resumed from %s at epoch %d step %d", where, self.state["epoch"] + 1, self.state["next_step"])
+        if self.rank0:
+            write_run_info(self.run_dir, {
+                "task": cfg.data.task, "classes": self.classes, "n_outputs": self.n_out, "tile_px": cfg.data.tile_px,
+                "target_mpp": cfg.data.target_mpp, "encoder": cfg.encoder.name, "aggregator": cfg.aggregator.name,
+                "frozen": cfg.encoder.freeze, "excluded": self.data.excluded,
+            })
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def _save(self, name: str, pointers: tuple[str, ...] = ("last",)) -> Path | None:
+        if not self.rank0:
+            return None
+        return ckpt.save_checkpoint(self.run_dir, name, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, scaler=self.scaler, state=self.state, pointers=pointers)
+
+    # ---- one epoch -----------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, ctx = self.config, self.ctx
+        encoder_trains = not cfg.encoder.freeze and epoch >= cfg.encoder.frozen_epochs
+        self.model.encoder.requires_grad_(encoder_trains)
+        self.model.train()
+        plans = self.sampler.epoch(epoch)
+        start = self.state["next_step"]
+        acc = self.state["accum"] or {"loss_sum": 0.0, "steps": 0, "slides": 0, "tiles": 0, "skipped": 0, "seconds": 0.0}
+        aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
+        dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=cfg.train.chunk_tiles,
+                              augment=None if cfg.encoder.freeze else aug, seed=cfg.train.seed,
+                              use_features=cfg.encoder.freeze, backend=cfg.data.backend)
+        loader = make_loader(dataset, workers=cfg.train.loader_workers, prefetch=cfg.train.prefetch_steps,
+                             pin_memory=ctx.device.type == "cuda")
+        bar = progress_bar(self.sampler.slides_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}",
+                           self.progress and self.rank0, initial=acc["slides"] + acc["skipped"])
+        tick = time.perf_counter()
+        for loaded in loader:
+            plan = plans[loaded.step]
+            self.state["accum"] = acc
+            failed = set(_agree_on_failures(ctx, len(plan.slides), loaded.failures))
+            keep = [p for p in range(len(plan.slides)) if p not in failed]
+            new_index = {p: i for i, p in enumerate(keep)}
+            bags = [Bag(index=new_index[p], k_total=k, **({"features": d} if cfg.encoder.freeze else {"tiles": d}))
+                    for p, d, k in zip(loaded.positions, loaded.data, loaded.k_totals) if p in new_index]
+            acc["skipped"] += len(failed)
+            if keep:
+                ids = [self.train_ids[plan.slides[p]] for p in keep]
+                try:
+                    result = step(self.model, bags, _targets(self.data, ids), self.loss_fn, mode=cfg.train.mode,
+                                  chunk_tiles=cfg.train.chunk_tiles, step_seed=step_seed(cfg.train.seed, epoch, plan.step),
+                                  amp_dtype=self.amp, grad_scaler=self.scaler, parallel=ctx)
+                except NonFiniteLossError as exc:
+                    self.state.update(epoch=epoch, next_step=plan.step)
+                    where = self._save(f"e{epoch + 1:04d}_s{plan.step:06d}_lastgood")
+                    raise FullslideError(f"non-finite loss at epoch {epoch + 1} step {plan.step + 1} (slides: "
+                                         f"{', '.join(ids)}): {exc}; last good state saved to {where}") from exc
+                except torch.cuda.OutOfMemoryError as exc:
+                    k = max(len(t) for t in plan.tiles)
+                    raise FullslideError(
+                        f"CUDA out of memory at epoch {epoch + 1} step {plan.step + 1} with K={k} tiles per slide, "
+                        f"chunk_tiles={cfg.train.chunk_tiles}, mode={cfg.train.mode}: lower train.chunk_tiles, use "
+                        f"train.mode=recompute, or raise train.tile_parallel") from exc
+                self._optimizer_step()
+                acc["loss_sum"] += result.loss
+                acc["steps"] += 1
+                acc["slides"] += len(keep)
+                acc["tiles"] += sum(len(plan.tiles[p]) for p in keep)
+            self.state["next_step"] = plan.step + 1
+            self.state["global_step"] += 1
+            now = time.perf_counter()
+            acc["seconds"] += now - tick
+            tick = now
+            bar.update(len(plan.slides))
+            bar.set_postfix(loss=f"{acc['loss_sum'] / max(1, acc['steps']):.4f}",
+                            tiles_s=f"{acc['tiles'] / max(1e-9, acc['seconds']):.0f}")
+            if self.stop.is_set():  # Ctrl-C: stop here, with state consistent with the steps taken
+                bar.close()
+                raise KeyboardInterrupt
+        bar.close()
+        return {
+            "epoch": epoch + 1,
+            "train_loss": acc["loss_sum"] / max(1, acc["steps"]),
+            "lr_encoder": self.optimizer.param_groups[0]["lr"] if encoder_trains else 0.0,
+            "lr_aggregator": self.optimizer.param_groups[-1]["lr"],
+            "slides_per_s": acc["slides"] / max(1e-9, acc["seconds"]),
+            "tiles_per_s": acc["tiles"] / max(1e-9, acc["seconds"]),
+            "skipped_slides": acc["skipped"],
+            "train_seconds": acc["seconds"],
+        }
+
+    def _optimizer_step(self) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, self.config.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.config
+        self._setup()
+        logger = RunLogger(self.run_dir, enabled=self.rank0)
+        try:
+            for epoch in range(self.state["epoch"], cfg.train.epochs):
+                self.state["epoch"] = epoch
+                try:
+                    with deferred_interrupt(self.stop):
+                        row = self._train_epoch(epoch)
+                except KeyboardInterrupt:
+                    where = self._save(f"e{epoch + 1:04d}_s{self.state['next_step']:06d}")
+                    log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", where, self.run_dir)
+                    raise
+                improved = False
+                if self.val_src and ((epoch + 1) % cfg.eval.validate_every == 0 or epoch + 1 == cfg.train.epochs):
+                    val = evaluate_sources(self, self.val_src, n_bootstrap=0)
+                    row.update({f"val_{k}": v for k, v in val.items()})
+                    improved = self._select(row, epoch)
+                self.state.update(epoch=epoch + 1, next_step=0, accum=None)
+                self.state["history"].append(row)
+                self._save(f"e{epoch + 1:04d}", pointers=("last", "best") if improved or not self.val_src else ("last",))
+                if self.rank0:
+                    write_metrics_csv(self.run_dir / "metrics.csv", self.state["history"])
+                    logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+                    logger.epoch_line(row)
+                if cfg.train.patience and self.state["bad_epochs"] >= cfg.train.patience:
+                    log.info("early stopping: no improvement of %s for %d epochs", self.metric_name, cfg.train.patience)
+                    break
+        finally:
+            logger.close()
+        if self.rank0:
+            best = self.state.get("best")
+            log.info("done: %s; best %s %s at epoch %s", self.run_dir, getattr(self, "metric_name", "-"),
+                     "-" if best is None else f"{best:.4f}", self.state.get("best_epoch"))
+        return self.run_dir
+
+    def _select(self, row: dict[str, Any], epoch: int) -> bool:
+        """Update best / patience from this epoch's validation; True when it is the new best."""
+        self.metric_name, higher = selection(self.config, len(self.classes))
+        value = row.get(f"val_{self.metric_name}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return False
+        best = self.state["best"]
+        loss = row.get("val_loss", math.inf)
+        tie_better = value == best and loss < self.state.get("best_loss", math.inf)  # e.g. AUC saturated at 1.0
+        if best is None or (value > best if higher else value < best) or tie_better:
+            self.state.update(best=float(value), best_loss=float(loss), best_epoch=epoch + 1, bad_epochs=0)
+            return True
+        self.state["bad_epochs"] += 1
+        return False
+
+
+def train(config: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
+          overrides: tuple[str, ...] = ()) -> Path:
+    """Train (or resume) a run; returns its folder."""
+    return Trainer(config, resume=resume, progress=progress, overrides=overrides).run()
+
+

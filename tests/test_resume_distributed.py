@@ -1,0 +1,114 @@
+"""Kill-and-resume gives the uninterrupted run's losses; torchrun with tile parallelism gives the single-process ones."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fullslide.train.config import dump_yaml
+from test_app import app_config, make_app_cohort
+
+COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "skipped_slides")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, real_svs: Path) -> tuple[Path, Path]:
+    """A cohort, pre-tiled coords, and the uninterrupted reference run (3 epochs, 3 steps each)."""
+    from fullslide.slides import tile_slides
+
+    root = tmp_path_factory.mktemp("resume")
+    cohort = make_app_cohort(root, real_svs)
+    tile_slides([cohort], root / "tiles", target_mpp=1.0, tile_px=32)
+    ref = root / "reference"
+    _run(_write_config(root, cohort, ref), [])
+    return root, cohort
+
+
+def _write_config(root: Path, cohort: Path, run_dir: Path, **train: object) -> Path:
+    cfg = app_config(root, cohort, run_dir=str(run_dir), data={"coords_dir": str(root / "tiles")},
+                     train={"epochs": 3, "slides_per_step": 1, "tiles_per_slide": 48, "loader_workers": 1, **train},
+                     encoder={"drop_rate": 0.2})
+    path = root / f"{run_dir.name}.yaml"
+    path.write_text(dump_yaml(cfg))
+    return path
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fullslide.cli", *args]
+
+
+def _run(config: Path, extra: list[str]) -> None:
+    proc = subprocess.run(_cmd("train", str(config), "--no-progress", *extra), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _metrics(run: Path) -> list[tuple[str, ...]]:
+    return [tuple(r[c] for c in COLUMNS) for r in csv.DictReader(open(run / "metrics.csv"))]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_interrupted_then_resumed_run_matches_uninterrupted(setup: tuple[Path, Path], how: str) -> None:
+    root, cohort = setup
+    run = root / f"run_{how}"
+    config = _write_config(root, cohort, run)
+    proc = subprocess.Popen(_cmd("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoints" / "last.json", proc)  # epoch 1 is saved; now in epoch 2
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    if how == "sigint":
+        assert proc.returncode == 130, err[-2000:]
+        assert "continue with --resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    assert len(_metrics(run)) < 3  # it really stopped early
+    resumed = subprocess.run(_cmd("train", "--resume", str(run), "--no-progress"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _metrics(run) == _metrics(root / "reference")
+    assert not list(run.rglob("*.tmp*"))
+
+
+def test_torchrun_tile_parallel_matches_single_process(setup: tuple[Path, Path]) -> None:
+    """2 ranks sharing every slide (tile_parallel 2), and 2 slide groups of 1 rank, give the reference losses."""
+    root, cohort = setup
+    ref = _metrics(root / "reference")
+    for tp in (2, 1):
+        run = root / f"torchrun_tp{tp}"
+        # tile_parallel 2: one group, 1 slide per step, as the reference. tile_parallel 1: 2 slide groups of
+        # 1 slide each, i.e. 2 slides per step, compared with a single-process run of 2 slides per step.
+        config = _write_config(root, cohort, run, tile_parallel=tp, slides_per_step=1)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "fullslide.cli", "train", str(config), "--no-progress"],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got = _metrics(run)
+        if tp == 2:
+            expected = ref
+        else:
+            two = root / "reference_2slides"
+            if not two.exists():
+                _run(_write_config(root, cohort, two, slides_per_step=2), [])
+            expected = _metrics(two)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g[0] == e[0] and g[4] == e[4]
+            for a, b in zip(g[1:4], e[1:4]):
+                assert abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b))), (g, e)

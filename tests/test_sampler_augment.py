@@ -1,0 +1,71 @@
+"""Epoch plans and tile augmentation: seeded, fresh each epoch, independent of the rank layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fullslide.data.augment import Augment, augment_tile, augment_tiles
+from fullslide.data.sampler import TileSampler, draw_tiles, step_seed
+
+
+def test_plans_are_seeded_and_fresh_each_epoch() -> None:
+    sampler = TileSampler([500, 40, 300, 90, 1000], k=64, slides_per_step=2, seed=3)
+    a, b = sampler.epoch(0), sampler.epoch(0)
+    assert [p.slides for p in a] == [p.slides for p in b]
+    assert all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa.tiles, pb.tiles))
+    c = sampler.epoch(1)
+    assert [p.slides for p in a] != [p.slides for p in c] or any(
+        not np.array_equal(x, y) for pa, pc in zip(a, c) for x, y in zip(pa.tiles, pc.tiles))
+    assert sorted(i for p in a for i in p.slides) == list(range(5))  # every slide once per epoch
+    assert [len(p.slides) for p in a] == [2, 2, 1] and sampler.steps_per_epoch == 3
+
+
+def test_k_tiles_without_replacement_or_all_plus_repeats() -> None:
+    rng = np.random.default_rng(0)
+    picked = draw_tiles(100, 30, rng)
+    assert len(picked) == 30 and len(set(picked.tolist())) == 30 and np.all(np.diff(picked) > 0)
+    few = draw_tiles(10, 25, rng)
+    assert len(few) == 25 and set(few.tolist()) == set(range(10))  # every tile, then repeats
+    assert np.array_equal(draw_tiles(7, "all", rng), np.arange(7))
+
+
+def test_epoch_fraction_draws_a_subset() -> None:
+    sampler = TileSampler([50] * 10, k=8, slides_per_step=3, epoch_fraction=0.5, seed=0)
+    plans = sampler.epoch(2)
+    assert sum(len(p.slides) for p in plans) == 5 == sampler.slides_per_epoch
+    assert step_seed(0, 1, 2) == step_seed(0, 1, 2) != step_seed(0, 1, 3)
+
+
+def _tiles(n: int = 6, px: int = 16) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (n, px, px, 3), dtype=np.uint8)
+
+
+def test_geometric_augmentations_only_move_pixels() -> None:
+    tile = _tiles(1)[0]
+    out = augment_tile(tile, Augment(flip=True, rot90=True, blur_p=0, jitter=0), np.random.default_rng(5))
+    assert out.shape == tile.shape and out.dtype == np.uint8
+    assert sorted(out.reshape(-1, 3).tolist()) == sorted(tile.reshape(-1, 3).tolist())
+
+
+def test_blur_and_jitter_change_values_within_range() -> None:
+    tile = _tiles(1)[0]
+    out = augment_tile(tile, Augment(flip=False, rot90=False, blur_p=1.0, jitter=0.2), np.random.default_rng(2))
+    assert out.dtype == np.uint8 and not np.array_equal(out, tile)
+    assert out.astype(float).std() < tile.astype(float).std()  # blur smooths noise
+
+
+def test_augmentation_is_keyed_by_tile_position_not_by_rank_share() -> None:
+    tiles, aug = _tiles(6), Augment()
+    whole = augment_tiles(tiles, aug, seed=0, epoch=1, slide=4, positions=np.arange(6))
+    share = augment_tiles(tiles[2:5], aug, seed=0, epoch=1, slide=4, positions=np.arange(2, 5))
+    assert np.array_equal(whole[2:5], share)
+    other = augment_tiles(tiles, aug, seed=0, epoch=2, slide=4, positions=np.arange(6))
+    assert not np.array_equal(whole, other)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_no_augmentation_returns_tiles_unchanged(n: int) -> None:
+    tiles = _tiles(n)
+    off = Augment(flip=False, rot90=False, blur_p=0, jitter=0)
+    assert augment_tiles(tiles, off, seed=0, epoch=0, slide=0, positions=np.arange(n)) is tiles
