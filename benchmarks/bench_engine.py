@@ -5,7 +5,9 @@ per-tile activations and the tiles themselves) and costs at most ~4/3 of ``full`
 forward); ``full`` - what the paper does - grows linearly with K. Every configuration runs in a fresh process,
 so its peak memory is its own: on CPU the process's peak RSS (``ru_maxrss``) minus its RSS just before the
 first step (the tiles are already allocated then), measured in a second run with ``MALLOC_MMAP_THRESHOLD_``
-so that RSS follows live tensors; on CUDA ``max_memory_allocated``. We also report the
+so that RSS follows live tensors; on CUDA ``max_memory_allocated``. CPU times come from a run in which glibc
+keeps freed memory (see ``keep_heap``). Each time is the median of at least ``--steps`` steps and
+``--min-time`` seconds, after one warm-up step. We also report the
 encoder activations held for backward (exact, via autograd's saved-tensor hooks), which isolates the encoder.
 
     python benchmarks/bench_engine.py                                   # CPU: tinycnn, 64 px, K 64..8192
@@ -58,26 +60,30 @@ def worker(cfg: dict) -> dict:
             with meter:
                 return self.inner(x)
 
-    times = []
-    rss_before = current_rss_bytes()
-    for i in range(cfg["steps"]):
-        if i == cfg["steps"] - 1 and cfg["mode"] != "checkpoint":
-            # meter only the last, untimed step (hooks cost Python time). Not in checkpoint mode: hooks inside a
-            # checkpointed region would take precedence over checkpoint's own and keep the activations alive.
-            model.encoder.backbone = Metered()
+    def one_step() -> float:
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        try:
-            step(model, [tiles], y, F.cross_entropy, mode=cfg["mode"], chunk_tiles=cfg["chunk"], amp_dtype=amp)
-        except torch.cuda.OutOfMemoryError:
-            return {**cfg, "oom": True}
+        step(model, [tiles], y, F.cross_entropy, mode=cfg["mode"], chunk_tiles=cfg["chunk"], amp_dtype=amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i < cfg["steps"] - 1 or cfg["steps"] == 1:
-            times.append(time.perf_counter() - t0)
-    out = {**cfg, "oom": False, "step_s": statistics.median(times[1:] if len(times) > 1 else times),
+        return time.perf_counter() - t0
+
+    rss_before = current_rss_bytes()
+    times: list[float] = []
+    try:
+        one_step()  # warm-up
+        while len(times) < cfg["steps"] or sum(times) < cfg["min_time"]:  # timed: at least `steps` and `min_time`
+            times.append(one_step())
+        if cfg["mode"] != "checkpoint":
+            # one more, untimed step with the encoder metered (hooks cost Python time). Not in checkpoint mode: hooks
+            # inside a checkpointed region would take precedence over checkpoint's own and keep activations alive.
+            model.encoder.backbone = Metered()
+            one_step()
+    except torch.cuda.OutOfMemoryError:
+        return {**cfg, "oom": True}
+    out = {**cfg, "oom": False, "step_s": statistics.median(times), "timed_steps": len(times),
            "encoder_saved_mb": meter.peak_bytes / 2**20}
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -128,7 +134,8 @@ def main() -> None:
     p.add_argument("--ks", default="64,256,1024,4096,8192")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--steps", type=int, default=3, help="steps per configuration (first is warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration at least (after 1 warm-up)")
+    p.add_argument("--min-time", type=float, default=3.0, help="keep timing steps until this many seconds (median)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--full-mem-limit-gb", type=float, default=12.0,
@@ -147,7 +154,7 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     base = dict(encoder=args.encoder, aggregator=args.aggregator, tile_px=args.tile_size, chunk=args.chunk,
-                steps=args.steps, dtype=args.dtype, device=device)
+                steps=args.steps, min_time=args.min_time, dtype=args.dtype, device=device)
     print(f"# bench_engine: {args.encoder} + {args.aggregator}, {args.tile_size} px, chunk {args.chunk}, {args.dtype}, "
           f"{device}{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}")
     results: dict[tuple[int, str], dict] = {}
@@ -157,12 +164,17 @@ def main() -> None:
             if per_tile_mb is not None and device == "cpu" and per_tile_mb * k / 1024 > args.full_mem_limit_gb:
                 results[(k, mode)] = {**base, "k": k, "mode": mode, "skipped": True}
                 continue
-            r = run_config({**base, "k": k, "mode": mode}, args.timeout)
+            # CPU timing: glibc keeps freed memory (no trim, no per-tensor mmap). Otherwise it returns each chunk's
+            # freed activations to the OS and page-faults them back for the next chunk - an allocator artefact that
+            # penalises chunked modes and that PyTorch's CUDA caching allocator does not have.
+            keep_heap = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+            r = run_config({**base, "k": k, "mode": mode}, args.timeout, env=keep_heap if device == "cpu" else None)
             if device == "cpu" and "peak_mb" in r:
                 # Memory from a second run in which glibc serves every allocation >= 64 KiB by mmap and returns it
                 # on free, so RSS follows live tensors instead of heap left fragmented by earlier chunks. Timing
                 # comes from the first run (default allocator): mmap-per-tensor is slow.
-                mem = run_config({**base, "k": k, "mode": mode}, args.timeout, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+                mem = run_config({**base, "k": k, "mode": mode, "steps": 1, "min_time": 0.0}, args.timeout,
+                                 env={"MALLOC_MMAP_THRESHOLD_": "65536"})
                 r["peak_mb"] = mem.get("peak_mb", float("nan"))
             results[(k, mode)] = r
             if mode != "recompute" and "peak_mb" in r:
@@ -199,7 +211,7 @@ def main() -> None:
             for m in modes:
                 k = ks[-1]
                 while True:
-                    r = run_config({**base, "k": k * 2, "mode": m, "steps": 1}, args.timeout)
+                    r = run_config({**base, "k": k * 2, "mode": m, "steps": 1, "min_time": 0.0}, args.timeout)
                     if r.get("oom") or "error" in r:
                         break
                     k *= 2

@@ -230,3 +230,36 @@ def test_bad_config_key_is_refused_by_train(tmp_path: Path, capsys: pytest.Captu
     path.write_text("train:\n  epoch: 3\n")
     assert main(["train", str(path)]) == 2
     assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+
+
+def _with_columns(cohort: Path, out: Path, fill) -> Path:
+    """A copy of ``cohort`` with extra columns computed per row (for survival and regression)."""
+    rows = list(csv.DictReader(open(cohort, newline="")))
+    for i, r in enumerate(rows):
+        r.update(fill(i, r))
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def test_survival_task_trains_with_cox_loss_and_reports_c_index(cohort: Path, tmp_path: Path) -> None:
+    surv = _with_columns(cohort, tmp_path / "surv.csv",
+                         lambda i, r: {"time": 10.0 + 7 * i % 13 - 3 * int(r["label"]), "event": int(i % 3 != 0)})
+    run = train(app_config(tmp_path, surv, data={"task": "survival"}, train={"epochs": 1, "slides_per_step": 3}),
+                progress=False)
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    metrics = json.loads((run / "eval/test/metrics.json").read_text())["metrics"]
+    assert "c_index" in metrics and metrics["loss"]["value"] >= 0
+    rows = list(csv.DictReader(open(run / "eval/test/predictions.csv")))
+    assert {"risk", "time", "event"} <= set(rows[0])
+
+
+def test_regression_task_reports_mae_and_r2(cohort: Path, tmp_path: Path) -> None:
+    reg = _with_columns(cohort, tmp_path / "reg.csv", lambda i, r: {"score": 0.5 * i + float(r["label"])})
+    run = train(app_config(tmp_path, reg, data={"task": "regression", "label_column": "score"},
+                           train={"epochs": 1}), progress=False)
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    metrics = json.loads((run / "eval/test/metrics.json").read_text())["metrics"]
+    assert {"mae", "r2", "loss"} <= set(metrics) and metrics["mae"]["value"] >= 0

@@ -1,7 +1,7 @@
 """Running the aggregator on one slide's features ``[K, D]``: with a graph, or streamed in bounded memory.
 
 Attention-pooling aggregators (``tile_stage`` + ``pool_head``: GMA, ABMIL, mean) run their per-tile stage on
-the slide's chunks (the encoder's chunk layout), each chunk under its own seed, then pool
+chunks of the slide (``aggregator_chunks``: whole encoder chunks, >= 1024 tiles), each under its own seed, then pool
 ``z = softmax(a) @ h`` and apply the head. Other aggregators (transformer, max, user modules) are one call.
 
 ``graph``  keeps the autograd graph of the whole aggregator: memory ~ K x hidden (GMA: ~14 KB per tile).
@@ -22,6 +22,15 @@ from torch import nn
 from fullslide.engine.mesh import chunk_bounds
 from fullslide.engine.rng import AGGREGATOR_CHUNK, aggregator_tile_chunk, derive_seed, seeded
 
+#: The tile stage runs on chunks of at least this many tiles (a whole number of encoder chunks when larger):
+#: it is cheap per tile, so bigger chunks save per-call overhead at a few MB of memory.
+MIN_AGGREGATOR_CHUNK = 1024
+
+
+def aggregator_chunks(k: int, chunk_tiles: int) -> list[tuple[int, int]]:
+    """The tile-stage chunk layout of a K-tile slide (a function of K and chunk_tiles only)."""
+    return chunk_bounds(k, chunk_tiles * max(1, -(-MIN_AGGREGATOR_CHUNK // chunk_tiles)))
+
 
 def is_attention_pooling(aggregator: nn.Module) -> bool:
     """Whether ``aggregator`` exposes the ``tile_stage`` / ``pool_head`` split (and so can be streamed)."""
@@ -37,7 +46,7 @@ def aggregate_graph(
         with seeded(derive_seed(step_seed, slide_index, AGGREGATOR_CHUNK), device):
             return aggregator(feats)
     hs, scores = [], []
-    for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], chunk_tiles)):
+    for c, (start, stop) in enumerate(aggregator_chunks(feats.shape[0], chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
             h, a = aggregator.tile_stage(feats[start:stop])
         hs.append(h)
@@ -74,7 +83,7 @@ def stream_forward(
     total = torch.zeros((), device=feats.device)  # running sum of exp(a - m)
     acc = None  # running sum of exp(a - m) * h   [H]
     with torch.no_grad():
-        for c, (start, stop) in enumerate(chunk_bounds(k, chunk_tiles)):
+        for c, (start, stop) in enumerate(aggregator_chunks(k, chunk_tiles)):
             with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
                 h, a = aggregator.tile_stage(feats[start:stop])
             h, a = h.float(), a.float()
@@ -100,7 +109,7 @@ def stream_backward(
     if dz is None:
         return
     z_dot = torch.dot(pool.z.detach(), dz)
-    for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], chunk_tiles)):
+    for c, (start, stop) in enumerate(aggregator_chunks(feats.shape[0], chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
             h, a = aggregator.tile_stage(feats[start:stop])  # same seed: same dropout masks as phase 3a
         w = torch.exp(pool.scores[start:stop] - pool.lse)  # [k] softmax weights, constants

@@ -70,6 +70,14 @@ def build_model(spec: CheckSpec, device: torch.device) -> torch.nn.Module:
     return model.to(device).train()
 
 
+def _same_kernels(device: torch.device) -> None:
+    """One intra-op thread on CPU in the reference and in every worker: oneDNN picks its reduction blocking by
+    thread count, and a conv-bias gradient summed over K x H x W positions then differs by ~1e-5 between 1 and
+    2 threads - a kernel difference, not the engine's. (On GPU each process owns its device.)"""
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+
 def make_slides(spec: CheckSpec, step: int) -> list[torch.Tensor]:
     """Deterministic uint8 tiles ``[K_i, 3, P, P]`` for every slide of a step."""
     out = []
@@ -125,6 +133,7 @@ def reference(spec: CheckSpec) -> tuple[dict, dict, float]:
     from fullslide.engine.reference import reference_step
 
     device = torch.device(spec.device)
+    _same_kernels(device)
     model = build_model(spec, device)
 
     def run(s: int, slides: list[torch.Tensor], scaler) -> None:
@@ -143,8 +152,8 @@ def worker_main(spec_path: str, out_dir: str) -> None:
     from fullslide.engine import Bag, init_parallel, rank_tile_range, slides_for_group, step
 
     spec = CheckSpec(**json.loads(Path(spec_path).read_text()))
+    _same_kernels(torch.device(spec.device))
     world = int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     for tp in spec.layouts(world):
         ctx = init_parallel(tile_parallel=tp)
         for mode in spec.modes:
@@ -186,7 +195,7 @@ def launch(spec: CheckSpec, nproc: int, out_dir: Path, timeout_s: float = 900.0)
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), RANK=str(rank),
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "fullslide.engine.checkgrad", str(spec_path), str(out_dir)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.monotonic() + timeout_s

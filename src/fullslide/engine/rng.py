@@ -26,11 +26,24 @@ def derive_seed(step_seed: int, slide_index: int, chunk_index: int) -> int:
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the block with the CPU (and, on CUDA, the current device's) RNG seeded; restore both after."""
-    devices = [device] if device.type == "cuda" else []  # the CPU RNG is always forked
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.manual_seed(seed)
+    """Run the block with the CPU (and, on CUDA, the device's) generator seeded; restore both after.
+
+    Seeds the default generators directly: ``torch.manual_seed`` also queues a lazy CUDA seeding that records
+    a stack trace on every call, which costs more than a small chunk's forward pass on a CPU.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_gen = None
+    if device.type == "cuda":
+        cuda_gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        cuda_state = cuda_gen.get_state()
+        cuda_gen.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
         yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_gen is not None:
+            cuda_gen.set_state(cuda_state)
 
 
 def aggregator_tile_chunk(chunk_index: int) -> int:

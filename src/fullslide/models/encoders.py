@@ -42,10 +42,9 @@ class TileEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        x = tiles.float()  # [B, 3, H, W]
-        if tiles.dtype == torch.uint8:
-            x = x / 255.0
-        x = (x - self.mean) / self.std
+        # (x / 255 - mean) / std as one fused multiply-add: x * scale + shift
+        scale = 1.0 / (self.std * 255.0) if tiles.dtype == torch.uint8 else 1.0 / self.std
+        x = torch.addcmul(-self.mean / self.std, tiles.float(), scale)  # [B, 3, H, W]
         feats = self.backbone(x)
         if feats.ndim != 2:  # a backbone that still returns a map: global-average-pool it
             feats = feats.flatten(2).mean(-1) if feats.ndim > 2 else feats.view(feats.shape[0], -1)

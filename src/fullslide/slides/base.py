@@ -9,7 +9,6 @@ that backends stay small and a test can inject a fake one.
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -275,23 +274,6 @@ def resize_rgb(rgb: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 
     image = Image.fromarray(np.ascontiguousarray(rgb))
     return np.asarray(image.resize((int(size_wh[0]), int(size_wh[1])), Image.Resampling.BICUBIC))
-
-
-def readable_by_all(path: Path) -> None:
-    """Give a file written through ``atomic_path`` (mkstemp: mode 0600) the usual umask mode."""
-    import os
-
-    os.chmod(path, 0o666 & ~_umask())
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    """The process umask (read once; os.umask can only be read by setting it)."""
-    import os
-
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
 
 
 def _one_line(exc: BaseException) -> str:

@@ -15,7 +15,6 @@ import numpy as np
 
 from fullslide.atomic import atomic_path
 from fullslide.errors import SlideError
-from fullslide.slides.base import readable_by_all
 from fullslide.slides.grid import TileGeometry
 
 COORDS = "coords"
@@ -58,7 +57,6 @@ def write_coords(
             dataset = h5.create_dataset(COORDS, data=coords, maxshape=(None, 2))
             for key, value in attrs.items():
                 dataset.attrs[key] = value
-        readable_by_all(tmp)
     return h5_path
 
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from fullslide.atomic import atomic_path
 from fullslide.errors import ConfigError
-from fullslide.slides.base import readable_by_all
 from fullslide.slides.grid import box_coverage
 from fullslide.slides.synth_render import Appearance, SlideLayout, make_layout, render_region
 
@@ -126,7 +125,6 @@ def make_cohort(
     csv_path = out / LABELS_CSV
     with atomic_path(csv_path) as tmp:
         tmp.write_text(rows.getvalue(), encoding="utf-8")
-        readable_by_all(tmp)
     return csv_path
 
 
@@ -152,7 +150,6 @@ def write_slide(path: str | Path, layout: SlideLayout, *, workers: int = 1, desc
     with atomic_path(path) as tmp:
         write_pyramidal_tiff(tmp, (layout.width, layout.height), _strips(layout, workers), mpp=layout.mpp,
                              tile_px=TILE_PX, description=description)
-        readable_by_all(tmp)
     return path
 
 
@@ -209,7 +206,6 @@ def save_lesion_mask(path: str | Path, layout: SlideLayout) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(layout.lesion_mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
-        readable_by_all(tmp)
     return path
 
 

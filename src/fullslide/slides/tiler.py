@@ -24,7 +24,7 @@ import numpy as np
 
 from fullslide.atomic import atomic_path
 from fullslide.errors import FullslideError, SlideError
-from fullslide.slides.base import readable_by_all, resize_rgb
+from fullslide.slides.base import resize_rgb
 from fullslide.slides.grid import DEFAULT_MATCH_TOLERANCE, box_coverage, grid_level0_xy, plan_tile_geometry
 from fullslide.slides.inputs import SlideJob, collect_jobs
 from fullslide.slides.tissue import TissueParams, tissue_mask
@@ -195,7 +195,6 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
 
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
-        readable_by_all(tmp)
 
 
 def check_writable(out_dir: Path) -> None:
@@ -290,4 +289,3 @@ def write_summary(path: Path, results: list[TileResult]) -> None:
                          f"{r.seconds:.2f}", r.backend, r.message])
     with atomic_path(path) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
-        readable_by_all(tmp)

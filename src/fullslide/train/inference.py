@@ -110,8 +110,7 @@ def predict_slides(
         dist.all_gather_object(gathered, results)  # COLLECTIVE (world): per-slide results, once per pass
         for part in gathered:
             results.update(part or {})
-    missing = SlidePrediction(slide_id="", logits=np.zeros(0), error="no tiles")
-    return [results.get(i) or SlidePrediction(sources[i].slide_id, missing.logits, error=f"{sources[i].path}: no tiles")
+    return [results.get(i) or SlidePrediction(sources[i].slide_id, np.zeros(0), error=f"{sources[i].path}: no tiles")
             for i in range(len(sources))]
 
 

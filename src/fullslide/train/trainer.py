@@ -79,22 +79,26 @@ def _class_weights(config: Config, data, train_ids: list[str]) -> list[float] | 
     return spec
 
 
-def _agree_on_failures(ctx: ParallelContext, n: int, failures: list[tuple[int, str]]) -> list[int]:
-    """Positions of the step's slides that failed on ANY rank (all ranks must drop the same slides)."""
-    failed = torch.zeros(n, dtype=torch.int32)
+def _agree(ctx: ParallelContext, n: int, failures: list[tuple[int, str]], stop: bool) -> tuple[list[int], bool]:
+    """(positions of the step's slides that failed on ANY rank, whether ANY rank was asked to stop).
+
+    All ranks must drop the same slides and stop before the same step, or a collective would hang.
+    """
+    flags = torch.zeros(n + 1, dtype=torch.int32)
     for pos, message in failures:
-        failed[pos] = 1
+        flags[pos] = 1
         log.warning("slide skipped this epoch: %s", message)
+    flags[n] = int(stop)
     if ctx.distributed:
         import torch.distributed as dist
 
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # COLLECTIVE (world): agree on unreadable slides, per step
-    return [i for i in range(n) if failed[i]]
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # COLLECTIVE (world): failed slides + Ctrl-C, once per step
+    return [i for i in range(n) if flags[i]], bool(flags[n])
 
 
 @contextlib.contextmanager
 def deferred_interrupt(flag: threading.Event):
-    """First Ctrl-C only sets ``flag`` (the loop stops at the end of the current step, in a consistent state);
+    """First Ctrl-C only sets ``flag`` (the loop stops before its next step, in a consistent state);
     a second Ctrl-C interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -164,6 +168,9 @@ class Trainer:
         self.sampler = TileSampler([s.n_tiles for s in self.train_src], k=cfg.train.tiles_per_slide,
                                    slides_per_step=cfg.train.slides_per_step * ctx.dims.slide_groups,
                                    epoch_fraction=cfg.train.epoch_fraction, seed=cfg.train.seed)
+        if cfg.data.task == "survival" and self.sampler.slides_per_step < 2:
+            log.warning("survival with 1 slide per step: the Cox loss compares slides within a step, so it is 0; "
+                        "raise train.slides_per_step (4 or more)")
         self.optimizer = make_optimizer(cfg, self.model)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.sampler.steps_per_epoch)
         self.state: dict[str, Any] = {"epoch": 0, "next_step": 0, "global_step": 0, "best": None, "best_epoch": None,
@@ -208,7 +215,11 @@ class Trainer:
         for loaded in loader:
             plan = plans[loaded.step]
             self.state["accum"] = acc
-            failed = set(_agree_on_failures(ctx, len(plan.slides), loaded.failures))
+            failed_list, stop = _agree(ctx, len(plan.slides), loaded.failures, self.stop.is_set())
+            if stop:  # Ctrl-C: stop before this step, on every rank, with state consistent with the steps taken
+                bar.close()
+                raise KeyboardInterrupt
+            failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
             bags = [Bag(index=new_index[p], k_total=k, **({"features": d} if cfg.encoder.freeze else {"tiles": d}))
@@ -244,9 +255,6 @@ class Trainer:
             bar.update(len(plan.slides))
             bar.set_postfix(loss=f"{acc['loss_sum'] / max(1, acc['steps']):.4f}",
                             tiles_s=f"{acc['tiles'] / max(1e-9, acc['seconds']):.0f}")
-            if self.stop.is_set():  # Ctrl-C: stop here, with state consistent with the steps taken
-                bar.close()
-                raise KeyboardInterrupt
         bar.close()
         return {
             "epoch": epoch + 1,

@@ -1,7 +1,8 @@
 """Per-tile scores (attention, per-tile predictions) drawn over the slide thumbnail, and as QuPath GeoJSON.
 
-The PNG shows each tile's square coloured by its score's percentile rank (so a few extreme attention
-weights do not wash out the rest), blended over the thumbnail, with a colour bar. The GeoJSON holds one
+The PNG shows each tile's square coloured by its score, min-max scaled (attention in MIL is sparse: the few tiles
+that carry the decision stand out; ``scale="rank"`` colours percentile ranks instead, CLAM-style), blended over
+the thumbnail, with a colour bar. The GeoJSON holds one
 ``tile`` object per tile in level-0 pixel coordinates with the scores as measurements: File > Import
 objects in QuPath overlays it on the slide (Measure > Show measurement maps colours it).
 """
@@ -30,6 +31,15 @@ def percentile_rank(scores: np.ndarray) -> np.ndarray:
     return (sums / counts)[inverse] / (scores.size - 1)
 
 
+def scaled(scores: np.ndarray, scale: str = "linear") -> np.ndarray:
+    """Scores mapped to [0, 1]: min-max (``linear``) or percentile rank (``rank``)."""
+    if scale == "rank":
+        return percentile_rank(scores)
+    scores = np.asarray(scores, dtype=np.float64)
+    span = float(scores.max() - scores.min()) if scores.size else 0.0
+    return (scores - scores.min()) / span if span > 0 else np.ones_like(scores)
+
+
 def _colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
     """[N] in [0, 1] -> uint8 [N, 3] colours."""
     from matplotlib import colormaps
@@ -46,12 +56,13 @@ def render_heatmap(
     *,
     alpha: float = 0.55,
     cmap: str = "inferno",
+    scale: str = "linear",
 ) -> np.ndarray:
-    """uint8 [h, w, 3] image: the thumbnail with every tile's square coloured by its score's rank."""
+    """uint8 [h, w, 3] image: the thumbnail with every tile's square coloured by its scaled score."""
     h, w = thumbnail.shape[:2]
     sx, sy = w / level0_wh[0], h / level0_wh[1]
     overlay = thumbnail.astype(np.float32).copy()
-    colours = _colormap(percentile_rank(scores), cmap).astype(np.float32)
+    colours = _colormap(scaled(scores, scale), cmap).astype(np.float32)
     for (x, y), colour in zip(np.asarray(level0_xy).tolist(), colours):
         x0, y0 = int(x * sx), int(y * sy)
         x1, y1 = max(x0 + 1, int(round((x + level0_px) * sx))), max(y0 + 1, int(round((y + level0_px) * sy)))
@@ -61,19 +72,21 @@ def render_heatmap(
 
 def with_colorbar(image: np.ndarray, title: str, cmap: str = "inferno") -> np.ndarray:
     """Append a labelled colour bar (low -> high rank) under ``image``."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     w = image.shape[1]
-    bar_h, text_h = max(8, w // 60), 16
+    font_px = max(12, w // 64)
+    font = ImageFont.load_default(size=font_px)
+    bar_h, text_h = max(8, w // 60), font_px + 6
     bar = np.repeat(_colormap(np.linspace(0, 1, w), cmap)[None], bar_h, axis=0)
     canvas = Image.new("RGB", (w, image.shape[0] + bar_h + text_h), "white")
     canvas.paste(Image.fromarray(image), (0, 0))
     canvas.paste(Image.fromarray(bar), (0, image.shape[0]))
     draw = ImageDraw.Draw(canvas)
     y = image.shape[0] + bar_h + 2
-    draw.text((2, y), "low", fill="black")
-    draw.text((max(2, w // 2 - 4 * len(title)), y), title, fill="black")
-    draw.text((w - 30, y), "high", fill="black")
+    draw.text((2, y), "low", fill="black", font=font)
+    draw.text((max(2, w // 2 - font_px * len(title) // 4), y), title, fill="black", font=font)
+    draw.text((w - 3 * font_px, y), "high", fill="black", font=font)
     return np.asarray(canvas)
 
 
@@ -118,7 +131,7 @@ def write_heatmap(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for key, values in scores.items():
-        image = with_colorbar(render_heatmap(thumbnail, level0_wh, level0_xy, level0_px, values), f"{key} (rank)")
+        image = with_colorbar(render_heatmap(thumbnail, level0_wh, level0_xy, level0_px, values), f"{key} (min-max)")
         path = out_dir / f"{slide_id}_{key}.png"
         save_png(path, image)
         written.append(path)
