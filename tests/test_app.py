@@ -263,3 +263,32 @@ def test_regression_task_reports_mae_and_r2(cohort: Path, tmp_path: Path) -> Non
     assert main(["eval", str(run), "--split", "test"]) == 0
     metrics = json.loads((run / "eval/test/metrics.json").read_text())["metrics"]
     assert {"mae", "r2", "loss"} <= set(metrics) and metrics["mae"]["value"] >= 0
+
+
+def test_stop_request_mid_epoch_saves_and_resume_replays_the_same_steps(trained: Path, cohort: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import fullslide.train.trainer as trainer_module
+
+    real_step, calls = trainer_module.step, []
+    trainer = Trainer(app_config(tmp_path, cohort), progress=False)
+
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C during the 4th step (epoch 2, step 1): acted on before the next one
+            trainer.stop.set()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "step", step_then_ctrl_c)
+    with pytest.raises(trainer_module.StopRequested):
+        trainer.run()
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / json.loads((run / "checkpoints/last.json").read_text())["checkpoint"]
+                        / "state.json").read_text())
+    assert (state["epoch"], state["next_step"]) == (1, 1)
+    monkeypatch.setattr(trainer_module, "step", real_step)
+    train(resume=run, progress=False)
+    assert (run / "metrics.csv").read_text().splitlines()[0] == (trained / "metrics.csv").read_text().splitlines()[0]
+    ours = [r for r in csv.DictReader(open(run / "metrics.csv"))]
+    ref = [r for r in csv.DictReader(open(trained / "metrics.csv"))]
+    for a, b in zip(ours, ref):
+        assert {k: a[k] for k in ("train_loss", "val_loss", "val_auc")} == {k: b[k] for k in ("train_loss", "val_loss", "val_auc")}

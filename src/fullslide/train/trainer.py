@@ -96,10 +96,14 @@ def _agree(ctx: ParallelContext, n: int, failures: list[tuple[int, str]], stop: 
     return [i for i in range(n) if flags[i]], bool(flags[n])
 
 
+class StopRequested(KeyboardInterrupt):
+    """Ctrl-C acted on at a step or epoch boundary, where the saved state matches the steps taken."""
+
+
 @contextlib.contextmanager
 def deferred_interrupt(flag: threading.Event):
-    """First Ctrl-C only sets ``flag`` (the loop stops before its next step, in a consistent state);
-    a second Ctrl-C interrupts at once."""
+    """First Ctrl-C only sets ``flag`` (training stops before its next step, or after the current validation,
+    in a consistent state and saves it); a second Ctrl-C interrupts at once, without saving."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -108,7 +112,7 @@ def deferred_interrupt(flag: threading.Event):
         if flag.is_set():
             raise KeyboardInterrupt
         flag.set()
-        log.warning("interrupt: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("interrupt: stopping at the next step boundary and saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -218,7 +222,7 @@ class Trainer:
             failed_list, stop = _agree(ctx, len(plan.slides), loaded.failures, self.stop.is_set())
             if stop:  # Ctrl-C: stop before this step, on every rank, with state consistent with the steps taken
                 bar.close()
-                raise KeyboardInterrupt
+                raise StopRequested
             failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
@@ -287,30 +291,8 @@ class Trainer:
         self._setup()
         logger = RunLogger(self.run_dir, enabled=self.rank0)
         try:
-            for epoch in range(self.state["epoch"], cfg.train.epochs):
-                self.state["epoch"] = epoch
-                try:
-                    with deferred_interrupt(self.stop):
-                        row = self._train_epoch(epoch)
-                except KeyboardInterrupt:
-                    where = self._save(f"e{epoch + 1:04d}_s{self.state['next_step']:06d}")
-                    log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", where, self.run_dir)
-                    raise
-                improved = False
-                if self.val_src and ((epoch + 1) % cfg.eval.validate_every == 0 or epoch + 1 == cfg.train.epochs):
-                    val = evaluate_sources(self, self.val_src, n_bootstrap=0)
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                    improved = self._select(row, epoch)
-                self.state.update(epoch=epoch + 1, next_step=0, accum=None)
-                self.state["history"].append(row)
-                self._save(f"e{epoch + 1:04d}", pointers=("last", "best") if improved or not self.val_src else ("last",))
-                if self.rank0:
-                    write_metrics_csv(self.run_dir / "metrics.csv", self.state["history"])
-                    logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
-                    logger.epoch_line(row)
-                if cfg.train.patience and self.state["bad_epochs"] >= cfg.train.patience:
-                    log.info("early stopping: no improvement of %s for %d epochs", self.metric_name, cfg.train.patience)
-                    break
+            with deferred_interrupt(self.stop):  # Ctrl-C is acted on at step and epoch boundaries only
+                self._epochs(logger)
         finally:
             logger.close()
         if self.rank0:
@@ -318,6 +300,35 @@ class Trainer:
             log.info("done: %s; best %s %s at epoch %s", self.run_dir, getattr(self, "metric_name", "-"),
                      "-" if best is None else f"{best:.4f}", self.state.get("best_epoch"))
         return self.run_dir
+
+    def _epochs(self, logger: RunLogger) -> None:
+        cfg = self.config
+        for epoch in range(self.state["epoch"], cfg.train.epochs):
+            self.state["epoch"] = epoch
+            try:
+                row = self._train_epoch(epoch)
+            except StopRequested:  # state is consistent with the steps taken: save it
+                where = self._save(f"e{epoch + 1:04d}_s{self.state['next_step']:06d}")
+                log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", where, self.run_dir)
+                raise
+            improved = False
+            if self.val_src and ((epoch + 1) % cfg.eval.validate_every == 0 or epoch + 1 == cfg.train.epochs):
+                val = evaluate_sources(self, self.val_src, n_bootstrap=0)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                improved = self._select(row, epoch)
+            self.state.update(epoch=epoch + 1, next_step=0, accum=None)
+            self.state["history"].append(row)
+            where = self._save(f"e{epoch + 1:04d}", pointers=("last", "best") if improved or not self.val_src else ("last",))
+            if self.rank0:
+                write_metrics_csv(self.run_dir / "metrics.csv", self.state["history"])
+                logger.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+                logger.epoch_line(row)
+            if self.stop.is_set() and epoch + 1 < cfg.train.epochs:
+                log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", where, self.run_dir)
+                raise StopRequested
+            if cfg.train.patience and self.state["bad_epochs"] >= cfg.train.patience:
+                log.info("early stopping: no improvement of %s for %d epochs", self.metric_name, cfg.train.patience)
+                break
 
     def _select(self, row: dict[str, Any], epoch: int) -> bool:
         """Update best / patience from this epoch's validation; True when it is the new best."""
