@@ -155,3 +155,19 @@ def test_writing_is_streamed_with_bounded_memory(tmp_path: Path) -> None:
     assert tall < 1.3 * small, (small, tall)
     assert tall < 1024 * 12288 * 3  # below the size of the image it wrote
     assert open_slide(tmp_path / "h12288.tiff").level_dimensions[0] == (1024, 12288)
+
+
+def test_stain_variation_spreads_patient_stains_and_is_validated(tmp_path: Path) -> None:
+    from fullslide.errors import ConfigError
+    from fullslide.slides.synth import make_cohort, plan_cohort
+
+    def spread(variation: float) -> float:
+        plan = plan_cohort(30, signal="focal", lesion_fraction=0.03, positive_fraction=0.5, seed=0,
+                           diffuse_strength=1.0, stain_variation=variation)
+        scales = [s.appearance.h_scale for s in plan]
+        return max(scales) - min(scales)
+
+    assert spread(0.0) == 0.0
+    assert 0.5 < spread(0.35) <= 0.7 and spread(0.12) <= 0.24
+    with pytest.raises(ConfigError, match="stain variation must be in"):
+        make_cohort(tmp_path, 2, size=(512, 512), stain_variation=1.5)

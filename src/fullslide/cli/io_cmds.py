@@ -89,6 +89,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--lesion-fraction", type=float, default=0.03, help="share of tissue covered by lesions, focal (0.03)")
     p.add_argument("--positive-fraction", type=float, default=0.5, help="share of positive patients (0.5)")
     p.add_argument("--tissue-fraction", type=float, default=0.35, help="share of the slide covered by tissue (0.35)")
+    p.add_argument("--stain-variation", type=float, default=0.12,
+                   help="per-patient haematoxylin/eosin strength varies by up to this factor, like sites do (0.12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same cohort")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes (over slides, or over strips of one slide)")
     p.set_defaults(func=cmd_synth)
@@ -164,7 +166,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     csv_path = make_cohort(
         args.out, args.slides, signal=args.signal, size=args.size, mpp=args.mpp, lesion_fraction=args.lesion_fraction,
         positive_fraction=args.positive_fraction, seed=args.seed, tissue_fraction=args.tissue_fraction,
-        workers=args.workers,
+        stain_variation=args.stain_variation, workers=args.workers,
     )
     print(csv_path)
     return 0

@@ -50,7 +50,8 @@ class SynthSlide:
 
 
 def plan_cohort(
-    n_slides: int, *, signal: Signal, lesion_fraction: float, positive_fraction: float, seed: int, diffuse_strength: float
+    n_slides: int, *, signal: Signal, lesion_fraction: float, positive_fraction: float, seed: int, diffuse_strength: float,
+    stain_variation: float = 0.12,
 ) -> list[SynthSlide]:
     """Patients, labels, seeds and stains of a cohort; every third patient has two slides."""
     groups: list[list[int]] = []
@@ -63,7 +64,7 @@ def plan_cohort(
     positives = set(rng.permutation(len(groups))[: round(positive_fraction * len(groups))].tolist())
     slides = []
     for p, members in enumerate(groups):
-        stain = np.random.default_rng([seed, 1, p]).uniform(0.88, 1.12, size=2)  # shared by the patient's slides
+        stain = np.random.default_rng([seed, 1, p]).uniform(1 - stain_variation, 1 + stain_variation, size=2)  # per patient
         label = int(p in positives)
         for s in members:
             look = Appearance(h_scale=float(stain[0]), e_scale=float(stain[1]),
@@ -88,6 +89,7 @@ def make_cohort(
     seed: int = 0,
     tissue_fraction: float = 0.35,
     diffuse_strength: float = 1.0,
+    stain_variation: float = 0.12,
     workers: int = 1,
 ) -> Path:
     """Write a synthetic cohort into ``out_dir`` and return the labels CSV path."""
@@ -107,8 +109,10 @@ def make_cohort(
     out = Path(out_dir)
     for sub in ("slides", "lesions"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    if not 0 <= stain_variation < 1:
+        raise ConfigError(f"synth: stain variation must be in [0, 1), got {stain_variation}")
     plan = plan_cohort(n_slides, signal=signal, lesion_fraction=lesion_fraction, positive_fraction=positive_fraction,
-                       seed=seed, diffuse_strength=diffuse_strength)
+                       seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation)
     args = [(out, s, (width, height), mpp, tissue_fraction) for s in plan]
     if workers > 1 and n_slides > 1:
         import multiprocessing

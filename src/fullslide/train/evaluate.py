@@ -130,6 +130,7 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False) 
 
     from fullslide.atomic import atomic_path
     from fullslide.data.cohort import CohortTable
+    from fullslide.slides import read_coords
 
     target = Path(out or config.data.features_dir or "")
     if not str(target):
@@ -159,8 +160,6 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False) 
         if feats is None:
             excluded[source.slide_id] = error
             continue
-        from fullslide.slides import read_coords
-
         coords, geometry = read_coords(source.coords_h5)
         path = features_path(target, source.slide_id)
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:

@@ -90,7 +90,8 @@ def ensure_tiles(
                 writer.writerow(["slide_id", "path", "mpp"])
                 for r in todo:
                     writer.writerow([r.slide_id, str(r.path.resolve()), r.mpp or config.data.mpp or ""])
-            log.info("tiling %d slide(s) into %s", len(todo), own)
+            new = sum(1 for r in todo if not output_paths(own, r.slide_id)[0].exists())
+            log.info("tiles: %d slide(s) to tile, %d to check in %s", new, len(todo) - new, own)
             tile_slides([job_csv], own, target_mpp=config.data.target_mpp, tile_px=config.data.tile_px,
                         tissue_threshold=config.data.tissue_threshold, workers=max(1, config.train.loader_workers),
                         backend=config.data.backend, mpp=config.data.mpp, progress=progress)

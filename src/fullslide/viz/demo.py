@@ -25,7 +25,8 @@ from fullslide.errors import ConfigError
 
 log = logging.getLogger("fullslide.demo")
 
-DEFAULTS: dict[str, Any] = {"slides": 60, "epochs": 16, "size": (2048, 2048), "lesion_fraction": 0.01}
+DEFAULTS: dict[str, Any] = {"slides": 60, "epochs": 16, "size": (2048, 2048), "lesion_fraction": 0.01,
+                            "stain_variation": 0.35}
 
 
 def _config(out: Path, name: str, cohort: Path, tiles: Path, seed: int, epochs: int, **extra: Any):
@@ -120,7 +121,8 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cohort = make_cohort(out / "cohort", n_slides, signal="focal", size=wh, mpp=0.5,
-                         lesion_fraction=DEFAULTS["lesion_fraction"], seed=seed, workers=2)
+                         lesion_fraction=DEFAULTS["lesion_fraction"], stain_variation=DEFAULTS["stain_variation"],
+                         seed=seed, workers=2)
     timings["synthesize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tiles = out / "tiles"
@@ -160,7 +162,9 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     timings["evaluate + heatmaps"] = time.perf_counter() - t0
     curves = plot_curves({"end-to-end": out / "e2e", "frozen encoder": out / "frozen"}, out / "curves.png")
     intro = (f"Synthetic `focal` cohort: {n_slides} slides of {wh[0]}x{wh[1]} px at 0.5 mpp; positive slides hold "
-             f"lesion foci (larger, darker, denser nuclei) on about {DEFAULTS['lesion_fraction']:.0%} of their tissue. Tiles of 32 px at 1.0 mpp. "
+             f"lesion foci (larger, darker, denser nuclei) on about {DEFAULTS['lesion_fraction']:.0%} of their tissue; "
+             f"stain strength varies by up to {DEFAULTS['stain_variation']:.0%} between patients, as between sites. "
+             "Tiles of 32 px at 1.0 mpp. "
              "Both models start from the same random `tinycnn` encoder; the frozen baseline keeps it fixed and trains "
              "only the gated-attention aggregator on extracted features. Same patient-level splits, same metrics.")
     settings = {"slides": n_slides, "size": f"{wh[0]}x{wh[1]}", "epochs": n_epochs, "seed": seed,
