@@ -62,20 +62,24 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _targets(data, slide_ids: list[str]) -> torch.Tensor:
-    """Targets rows for ``slide_ids`` (class index, (time, event) or value)."""
-    table = data.cohort.targets()
-    row = {r.slide_id: i for i, r in enumerate(data.cohort.records)}
-    values = table[[row[s] for s in slide_ids]]
-    return torch.as_tensor(values, dtype=torch.long if data.cohort.task == "classification" else torch.float32)
+class TargetTable:
+    """Training targets by slide id (class index, (time, event) or value), built once per run."""
+
+    def __init__(self, cohort) -> None:
+        self.values = torch.as_tensor(cohort.targets(),
+                                      dtype=torch.long if cohort.task == "classification" else torch.float32)
+        self.row = {r.slide_id: i for i, r in enumerate(cohort.records)}
+
+    def __call__(self, slide_ids: list[str]) -> torch.Tensor:
+        return self.values[[self.row[s] for s in slide_ids]]
 
 
-def _class_weights(config: Config, data, train_ids: list[str]) -> list[float] | None:
+def _class_weights(config: Config, targets: TargetTable, train_ids: list[str], n_classes: int) -> list[float] | None:
     from fullslide.train.losses import balanced_class_weights
 
     spec = config.train.class_weights
     if spec == "balanced":
-        return list(balanced_class_weights(_targets(data, train_ids).numpy(), len(data.cohort.classes)))
+        return list(balanced_class_weights(targets(train_ids).numpy(), n_classes))
     return spec
 
 
@@ -167,8 +171,9 @@ class Trainer:
             self.model.encoder.requires_grad_(False)
         self.amp = amp_dtype(cfg, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if self.amp == torch.float16 else None
+        self.targets = TargetTable(self.data.cohort)
         self.loss_fn = make_loss(cfg.data.task, n_classes=len(self.classes),
-                                 class_weights=_class_weights(cfg, self.data, self.train_ids))
+                                 class_weights=_class_weights(cfg, self.targets, self.train_ids, len(self.classes)))
         self.sampler = TileSampler([s.n_tiles for s in self.train_src], k=cfg.train.tiles_per_slide,
                                    slides_per_step=cfg.train.slides_per_step * ctx.dims.slide_groups,
                                    epoch_fraction=cfg.train.epoch_fraction, seed=cfg.train.seed)
@@ -232,7 +237,7 @@ class Trainer:
             if keep:
                 ids = [self.train_ids[plan.slides[p]] for p in keep]
                 try:
-                    result = step(self.model, bags, _targets(self.data, ids), self.loss_fn, mode=cfg.train.mode,
+                    result = step(self.model, bags, self.targets(ids), self.loss_fn, mode=cfg.train.mode,
                                   chunk_tiles=cfg.train.chunk_tiles, step_seed=step_seed(cfg.train.seed, epoch, plan.step),
                                   amp_dtype=self.amp, grad_scaler=self.scaler, parallel=ctx)
                 except NonFiniteLossError as exc:

@@ -94,8 +94,9 @@ def prediction_rows(task: str, cohort: CohortTable | None, classes: Sequence[str
     from fullslide.train.losses import predictions
 
     rows = []
+    known = set(cohort.slide_ids) if cohort is not None else set()
     for p in preds:
-        rec = cohort.by_id(p.slide_id) if cohort is not None and p.slide_id in set(cohort.slide_ids) else None
+        rec = cohort.by_id(p.slide_id) if p.slide_id in known else None
         row: dict[str, Any] = {"slide_id": p.slide_id, "patient_id": rec.patient_id if rec else ""}
         if split is not None:
             row["split"] = split.get(p.slide_id, "")
