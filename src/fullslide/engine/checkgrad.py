@@ -160,7 +160,7 @@ def worker_main(spec_path: str, out_dir: str) -> None:
             model = build_model(spec, ctx.device)
             mine = slides_for_group(spec.slides, ctx.dims.slide_groups, ctx.slide_group)
 
-            def run(s: int, slides: list[torch.Tensor], scaler, mode=mode, model=model, mine=mine) -> None:
+            def run(s: int, slides: list[torch.Tensor], scaler, mode=mode, model=model, mine=mine, ctx=ctx) -> None:
                 bags = []
                 for i in mine:
                     start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
@@ -203,10 +203,10 @@ def launch(spec: CheckSpec, nproc: int, out_dir: Path, timeout_s: float = 900.0)
     for rank, p in enumerate(procs):
         try:
             _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             for q in procs:
                 q.kill()
-            raise RuntimeError(f"--nproc {nproc}: workers did not finish within {timeout_s:.0f} s")
+            raise RuntimeError(f"--nproc {nproc}: workers did not finish within {timeout_s:.0f} s") from exc
         if p.returncode != 0:
             failures.append(f"rank {rank} exited {p.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     if failures:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from fullslide.errors import ModelError
 from fullslide.models import aggregators as agg
 from fullslide.models.encoders import IMAGENET_MEAN, IMAGENET_STD, TileEncoder, TinyCNN, load_weights
+
+if TYPE_CHECKING:
+    from fullslide.models.slide_model import SlideModel
 
 AGGREGATORS: dict[str, Callable[..., nn.Module]] = {
     "gma": agg.GatedAttentionMIL,

@@ -22,7 +22,7 @@ from fullslide.engine import init_parallel
 from fullslide.errors import FullslideError
 from fullslide.train import checkpoint as ckpt
 from fullslide.train.config import Config, load_config
-from fullslide.train.inference import SlidePrediction, extract_features, predict_slides
+from fullslide.train.inference import SlidePrediction, extract_features, predict_with_config
 from fullslide.train.setup import (amp_dtype, build_model, ensure_tiles, features_path, prepare_data,
                                    read_run_info)
 from fullslide.train.validate import prediction_rows, score_predictions, write_csv, write_json
@@ -54,9 +54,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best"
     sources = data.split_sources(split)
     if not sources:
         raise FullslideError(f"{run_dir}: no usable slide in split '{split}'")
-    preds = predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, workers=config.train.loader_workers,
-                           amp_dtype=amp_dtype(config, ctx.device), use_features=config.encoder.freeze,
-                           backend=config.data.backend, parallel=ctx)
+    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device))
     loss_fn = make_loss(config.data.task, n_classes=len(info["classes"]))
     scores = score_predictions(config.data.task, data.cohort, preds, loss_fn=loss_fn,
                                n_bootstrap=config.eval.bootstrap, seed=config.train.seed)
@@ -86,9 +84,8 @@ def predict_new(run_dir: Path, inputs: Sequence[str | Path], out: Path, *, check
                for r in results if not r.failed and r.n_tiles > 0 and r.h5_path is not None]
     failures = [SlidePrediction(r.slide_id, np.zeros(0), error=r.message or f"{r.path}: no tissue tiles")
                 for r in results if r.failed or r.n_tiles == 0]
-    preds = predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, workers=config.train.loader_workers,
-                           amp_dtype=amp_dtype(config, ctx.device), backend=config.data.backend, parallel=ctx,
-                           keep_attention=heatmaps)
+    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
+                                keep_attention=heatmaps, use_features=False)  # new slides: always from pixels
     cohort = _labels_from_inputs(inputs, config, info)
     write_csv(out / "predictions.csv", prediction_rows(config.data.task, cohort, info["classes"], preds + failures))
     if heatmaps:
@@ -203,9 +200,8 @@ def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[
         sources = [data.sources[s] for s in slide_ids]
     else:
         sources = data.split_sources(split)
-    preds = predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, workers=config.train.loader_workers,
-                           amp_dtype=amp_dtype(config, ctx.device), use_features=config.encoder.freeze,
-                           backend=config.data.backend, parallel=ctx, keep_attention=True)
+    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
+                                keep_attention=True)
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps"
     n = 0
     for source, pred in zip(sources, preds):

@@ -19,6 +19,7 @@ from torch import nn
 
 from fullslide.data.loader import SlideChunk, SlideChunks, SlideSource, make_loader
 from fullslide.engine import ParallelContext, encode_tiles, infer
+from fullslide.train.config import Config
 
 log = logging.getLogger("fullslide.inference")
 
@@ -112,6 +113,16 @@ def predict_slides(
             results.update(part or {})
     return [results.get(i) or SlidePrediction(sources[i].slide_id, np.zeros(0), error=f"{sources[i].path}: no tiles")
             for i in range(len(sources))]
+
+
+def predict_with_config(
+    config: Config, model: nn.Module, sources: Sequence[SlideSource], ctx: ParallelContext, *,
+    amp_dtype: torch.dtype | None, keep_attention: bool = False, use_features: bool | None = None,
+) -> list[SlidePrediction]:
+    """:func:`predict_slides` with a run's settings (eval chunk size, loader workers, backend, frozen features)."""
+    return predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, workers=config.train.loader_workers,
+                          amp_dtype=amp_dtype, backend=config.data.backend, parallel=ctx, keep_attention=keep_attention,
+                          use_features=config.encoder.freeze if use_features is None else use_features)
 
 
 @torch.no_grad()

@@ -292,7 +292,6 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.config
         self._setup()
         logger = RunLogger(self.run_dir, enabled=self.rank0)
         try:

@@ -21,7 +21,7 @@ from fullslide.data.cohort import CohortTable
 from fullslide.data.loader import SlideSource
 from fullslide.errors import ConfigError
 from fullslide.train.config import Config
-from fullslide.train.inference import SlidePrediction, predict_slides
+from fullslide.train.inference import SlidePrediction, predict_with_config
 
 
 def selection(config: Config, n_classes: int) -> tuple[str, bool]:
@@ -78,9 +78,7 @@ def flat(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate_sources(trainer: Any, sources: Sequence[SlideSource], *, n_bootstrap: int = 0) -> dict[str, float]:
     """Validation inside training: all tiles of ``sources`` with the trainer's model -> flat metrics."""
     cfg = trainer.config
-    preds = predict_slides(trainer.model, sources, chunk_tiles=cfg.eval.chunk_tiles, workers=cfg.train.loader_workers,
-                           amp_dtype=trainer.amp, use_features=cfg.encoder.freeze, backend=cfg.data.backend,
-                           parallel=trainer.ctx)
+    preds = predict_with_config(cfg, trainer.model, sources, trainer.ctx, amp_dtype=trainer.amp)
     scores = score_predictions(cfg.data.task, trainer.data.cohort, preds, loss_fn=trainer.loss_fn,
                                n_bootstrap=n_bootstrap, seed=cfg.train.seed)
     values = flat(scores)

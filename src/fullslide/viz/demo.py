@@ -12,6 +12,7 @@ Defaults finish in a few minutes on a 2-core CPU; larger settings via flags.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -54,21 +55,19 @@ def lesion_localisation(model_name: str, run_dir: Path, cohort_csv: Path, *, min
     from fullslide.slides import read_coords
     from fullslide.slides.synth import lesion_fraction
     from fullslide.train.evaluate import load_run
-    from fullslide.train.inference import predict_slides
-    from fullslide.train.setup import prepare_data
+    from fullslide.train.inference import predict_with_config
+    from fullslide.train.setup import amp_dtype, prepare_data
 
     config, info, model, ctx = load_run(run_dir)
     data = prepare_data(config, run_dir, ctx)
     masks = {}
-    import csv
-
     with open(cohort_csv, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             if row.get("lesion_mask"):
                 masks[row["slide_id"]] = cohort_csv.parent / row["lesion_mask"]
     sources = [s for s in data.split_sources("test") if s.slide_id in masks]
-    preds = predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, use_features=config.encoder.freeze,
-                           keep_attention=True, parallel=ctx)
+    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
+                                keep_attention=True)
     rows = []
     for source, pred in zip(sources, preds):
         if pred.error:
