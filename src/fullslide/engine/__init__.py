@@ -5,7 +5,7 @@ Public API (see ``step.py``): :func:`step`, :func:`infer`, :func:`encode_tiles`,
 :func:`rank_tile_range`, :func:`slides_for_group`. The engine knows nothing of slide files.
 """
 
-from fullslide.engine.collectives import ParallelContext, init_parallel
+from fullslide.engine.collectives import ParallelContext, init_parallel, shutdown_parallel
 from fullslide.engine.mesh import ParallelDims, chunk_bounds, rank_tile_range, slides_for_group
 from fullslide.engine.recompute import MODES, Mode
 from fullslide.engine.step import Bag, InferResult, NonFiniteLossError, StepResult, encode_tiles, infer, step
@@ -23,6 +23,7 @@ __all__ = [
     "encode_tiles",
     "infer",
     "init_parallel",
+    "shutdown_parallel",
     "rank_tile_range",
     "slides_for_group",
     "step",

@@ -9,6 +9,7 @@ With one process (no ``torch.distributed``) all three are no-ops and nothing is 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def init_parallel(
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if cuda else None,
         )
+        atexit.register(shutdown_parallel)  # a process group left to static destructors can abort (gloo threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims(world_size=world, tile_parallel=tile_parallel)
     own = None
@@ -87,6 +89,15 @@ def init_parallel(
         if group == dims.group_of(rank):
             own = pg
     return ParallelContext(dims=dims, rank=rank, device=device, tp_group=own)
+
+
+def shutdown_parallel(*, wait: bool = False) -> None:
+    """Destroy the default process group (if any); with ``wait``, first let every rank arrive."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()  # COLLECTIVE (world): the last one, so no rank leaves while another still needs it
+    dist.destroy_process_group()
 
 
 def all_gather_rows(ctx: ParallelContext, local: torch.Tensor, rows_per_rank: Sequence[int]) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from fullslide.data.augment import Augment
 from fullslide.data.loader import StepDataset, make_loader
 from fullslide.data.sampler import TileSampler, step_seed
-from fullslide.engine import Bag, NonFiniteLossError, ParallelContext, init_parallel, step
+from fullslide.engine import Bag, NonFiniteLossError, ParallelContext, init_parallel, shutdown_parallel, step
 from fullslide.errors import FullslideError
 from fullslide.train import checkpoint as ckpt
 from fullslide.train.config import Config, dump_yaml, load_config
@@ -353,6 +353,8 @@ class Trainer:
 def train(config: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
           overrides: tuple[str, ...] = ()) -> Path:
     """Train (or resume) a run; returns its folder."""
-    return Trainer(config, resume=resume, progress=progress, overrides=overrides).run()
+    run_dir = Trainer(config, resume=resume, progress=progress, overrides=overrides).run()
+    shutdown_parallel(wait=True)  # under torchrun: leave together, after rank 0 has written its files
+    return run_dir
 
 
