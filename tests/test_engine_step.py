@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from fullslide.engine import Bag, NonFiniteLossError, encode_tiles, infer, step
-from fullslide.engine.aggregate import aggregator_chunks
-from fullslide.engine.checkgrad import max_rel_error
+from fullslide.engine.aggregate import AGGREGATOR_CHUNK_TILES
 from fullslide.engine.memory import SavedTensorMeter
-from fullslide.engine.reference import reference_step
 from fullslide.models import create_model
+from fullslide.models.encoders import TileEncoder
+from fullslide.proof.checkgrad import max_rel_error
+from fullslide.proof.probes import add_probes
+from fullslide.proof.reference import reference_step
 
 TOL = 1e-5
 
@@ -30,9 +32,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _ref_grads(model, slides, y, chunk, seed=7) -> dict[str, torch.Tensor]:
+def _ref_grads(model, slides, y, chunk, seed=7, agg_chunk=AGGREGATOR_CHUNK_TILES) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    reference_step(model, slides, y, F.cross_entropy, chunk_tiles=chunk, step_seed=seed)
+    reference_step(model, slides, y, F.cross_entropy, chunk_tiles=chunk, aggregator_chunk_tiles=agg_chunk, step_seed=seed)
     out = _grads(model)
     model.zero_grad(set_to_none=True)
     return out
@@ -41,12 +43,15 @@ def _ref_grads(model, slides, y, chunk, seed=7) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["full", "checkpoint", "recompute"])
 @pytest.mark.parametrize("aggregator", ["gma", "abmil", "mean", "max", "transformer"])
 def test_modes_match_reference_with_dropout_and_unequal_k(mode: str, aggregator: str) -> None:
-    model = _model(aggregator=aggregator)
+    # With the probes: a parameter tied between encoder and aggregator, a frozen one, an unused one, drop-path.
+    # The aggregator streams over chunks of 8 tiles, fewer than the 13 and 21 of two slides.
+    model = add_probes(_model(aggregator=aggregator), drop_path_rate=0.3)
     slides, y = _slides([13, 5, 21]), torch.tensor([0, 1, 1])
-    ref = _ref_grads(model, slides, y, chunk=4)
-    result = step(model, slides, y, F.cross_entropy, mode=mode, chunk_tiles=4, step_seed=7)
+    ref = _ref_grads(model, slides, y, chunk=4, agg_chunk=8)
+    result = step(model, slides, y, F.cross_entropy, mode=mode, chunk_tiles=4, aggregator_chunk_tiles=8, step_seed=7)
     got = _grads(model)
     assert set(got) == set(ref)
+    assert "aggregator.unused" not in got and "encoder.frozen" not in got and "encoder.shared" in got
     assert max_rel_error(got, ref, "encoder.") < TOL
     assert max_rel_error(got, ref, "aggregator.") < TOL
     assert result.logits.shape == (3, 2)
@@ -119,7 +124,7 @@ def test_recompute_streams_the_attention_aggregator() -> None:
         assert meter.current_bytes == 0
         return meter.peak_bytes
 
-    chunk = aggregator_chunks(10**6, 256)[0][1]  # tile-stage chunk (>= 1024 tiles)
+    chunk = AGGREGATOR_CHUNK_TILES  # tile-stage chunk
     assert peak("full", 4 * chunk) > 3.5 * peak("full", chunk)
     assert peak("recompute", 4 * chunk) <= 1.05 * peak("recompute", chunk)
 
@@ -189,3 +194,75 @@ def test_batchnorm_is_frozen_by_default_and_warns_when_unfrozen() -> None:
     with pytest.warns(UserWarning, match="no longer exactly"):
         model.train()
     assert bn.training
+
+
+def test_streamed_softmax_rescales_when_a_later_chunk_holds_the_highest_score() -> None:
+    """The online softmax must rescale its running sums when the maximum moves to a later chunk."""
+    model = _model(drop=0.0, seed=3).eval()  # no dropout: the scores below are the ones the step sees
+    slides, y = _slides([40], seed=5), torch.tensor([1])
+    with torch.no_grad():
+        scores = model.aggregator.tile_stage(model.encoder(slides[0]))[1]
+    assert int(scores.argmax()) >= 8 and float(scores[:8].max()) < float(scores.max()) - 1e-3  # the case under test
+    ref = _ref_grads(model, slides, y, chunk=4, agg_chunk=8)
+    result = step(model, slides, y, F.cross_entropy, mode="recompute", chunk_tiles=4, aggregator_chunk_tiles=8,
+                  step_seed=7)
+    assert max_rel_error(_grads(model), ref, "") < TOL
+    assert torch.allclose(result.attention[0], torch.softmax(scores, 0), atol=1e-6)
+
+
+def test_dropout_masks_differ_between_slides_of_a_step() -> None:
+    """Two identical slides in one step draw different dropout masks (the seed depends on the slide)."""
+    model = _model(drop=0.5)
+    tiles = _slides([12])[0]
+    result = step(model, [tiles, tiles.clone()], torch.tensor([0, 0]), F.cross_entropy, chunk_tiles=4, step_seed=3)
+    assert not torch.allclose(result.attention[0], result.attention[1])
+    assert not torch.allclose(result.logits[0], result.logits[1])
+
+
+@pytest.mark.parametrize("aggregator", ["gma", "abmil", "mean", "max", "transformer"])
+def test_attention_is_the_same_in_every_mode(aggregator: str) -> None:
+    model = _model(aggregator=aggregator, drop=0.2)
+    slides, y = _slides([13, 21]), torch.tensor([0, 1])
+    att = {mode: step(model, slides, y, F.cross_entropy, mode=mode, chunk_tiles=4, aggregator_chunk_tiles=8,
+                      step_seed=1).attention for mode in ("full", "checkpoint", "recompute")}
+    for mode in ("checkpoint", "recompute"):
+        for i in (0, 1):
+            assert torch.allclose(att[mode][i], att["full"][i], atol=1e-5), (mode, i)
+
+
+def test_precomputed_features_of_the_caller_are_left_untouched() -> None:
+    model = _model(drop=0.0)
+    feats = [torch.randn(9, model.feature_dim), torch.randn(4, model.feature_dim)]
+    step(model, [Bag(index=i, features=f) for i, f in enumerate(feats)], torch.tensor([1, 0]), F.cross_entropy)
+    assert all(not f.requires_grad and f.grad is None for f in feats)
+
+
+class _TupleBackbone(torch.nn.Module):
+    """Returns (tokens [N, T, D], extras) like several transformer backbones."""
+
+    def __init__(self, tokens: int = 5, dim: int = 6) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, dim)
+        self.tokens = tokens
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = x.float().mean((2, 3))  # [N, 3]
+        steps = torch.arange(1, self.tokens + 1, dtype=x.dtype)[None, :, None]  # tokens differ from each other
+        return self.proj(pooled)[:, None, :] * steps, pooled
+
+
+def test_tile_encoder_pools_tokens_over_tokens_and_takes_the_first_of_a_tuple() -> None:
+    enc = TileEncoder(_TupleBackbone(), feature_dim=6, mean=(0, 0, 0), std=(1, 1, 1))
+    x = torch.rand(4, 3, 8, 8)
+    want = enc.backbone.proj(x.mean((2, 3))) * 3.0  # mean over tokens of t * v, t = 1..5
+    assert torch.allclose(enc(x), want, atol=1e-5)
+    nhwc = TileEncoder(torch.nn.Identity(), feature_dim=3, mean=(0, 0, 0), std=(1, 1, 1))
+    assert nhwc(torch.rand(2, 3, 5, 5)).shape == (2, 3)  # NCHW map with D channels
+
+
+def test_engine_names_an_encoder_output_it_cannot_use() -> None:
+    model = _model(drop=0.0)
+    model.encoder = _TupleBackbone()
+    model.encoder.feature_dim = 6
+    with pytest.raises(TypeError, match="encoder returned tuple for 6 tiles"):
+        step(model, _slides([6]), torch.tensor([1]), F.cross_entropy, chunk_tiles=8)

@@ -32,9 +32,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p = sub.add_parser(
         "check-grad",
         help="prove every memory mode and process layout gives the single-process gradient",
-        description="Compare encoder and aggregator gradients (step 1) and parameters after --steps SGD (momentum 0.9) steps "
-        "of every configuration with the single-process 'full' reference; exits 1 if any relative error "
-        "exceeds --tol. Launches the processes itself (gloo on CPU, NCCL on GPUs).",
+        description="Compare, on every rank of every configuration, the gradients after step 1 (accumulated over "
+        "--micro-batches engine calls), which parameters have a gradient, and the parameter updates over --steps "
+        "SGD steps (momentum 0.9, weight decay) with a single-process, single-graph reference that shares no code "
+        "with the engine; exits 1 if any per-tensor relative error exceeds --tol. The model carries tied, frozen "
+        "and unused probe parameters and a drop-path branch. Launches the processes itself (gloo on CPU, NCCL on GPUs).",
     )
     p.add_argument("--encoder", default="tinycnn", help="encoder name: tinycnn, a timm name, or package.module:callable")
     p.add_argument("--weights", default=None, help="local encoder weights (.safetensors/.pth/.bin)")
@@ -43,6 +45,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--tiles", type=_int_list, default=[24, 17, 9, 30], help="K per slide, comma-separated, cycled")
     p.add_argument("--slides", type=int, default=4, help="slides per step")
     p.add_argument("--chunk", type=int, default=8, help="tiles encoded at once")
+    p.add_argument("--agg-chunk", type=int, default=8,
+                   help="tile-stage chunk of attention pooling (smaller than K, so the streamed softmax crosses chunks)")
+    p.add_argument("--micro-batches", type=int, default=2, help="engine calls accumulated into each optimizer step")
+    p.add_argument("--no-probes", action="store_true", help="check the bare model, without the probe parameters")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--nproc", type=_int_list, default=[1, 2, 4], help="process counts to check, e.g. 1,2,4")
     p.add_argument("--mode", type=_str_list(("full", "checkpoint", "recompute")),
@@ -54,7 +60,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--drop-path-rate", type=float, default=0.1, help="encoder drop-path, for models that have it")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tol", type=float, default=None,
-                   help="max relative error (default 1e-5 in float32, 1e-2 in bfloat16/float16)")
+                   help="max per-tensor relative error (default: 1e-5 float32, 2e-2 bfloat16/float16)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check_grad)
 
@@ -62,7 +68,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def cmd_check_grad(args: argparse.Namespace) -> int:
     import torch
 
-    from fullslide.engine.checkgrad import CheckSpec, run_checks
+    from fullslide.proof.checkgrad import TOLERANCES, ZERO_FLOOR, CheckSpec, run_checks
 
     device = args.device
     if device == "auto":
@@ -71,26 +77,31 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
         print(f"fullslide check-grad: error: --nproc {max(args.nproc)} needs as many GPUs; "
               f"{torch.cuda.device_count()} visible (use --device cpu for gloo on CPU)", file=sys.stderr)
         return 2
-    tol = args.tol if args.tol is not None else (1e-5 if args.dtype == "float32" else 1e-2)
+    tol = args.tol if args.tol is not None else TOLERANCES[args.dtype]
     spec = CheckSpec(
         encoder=args.encoder, aggregator=args.aggregator, weights=args.weights, tile_px=args.tile_size,
-        tiles=args.tiles, slides=args.slides, chunk_tiles=args.chunk, dtype=args.dtype, drop_rate=args.drop_rate,
-        drop_path_rate=args.drop_path_rate, steps=args.steps, seed=args.seed, device=device, modes=args.mode,
-        tile_parallel=args.tile_parallel,
+        tiles=args.tiles, slides=args.slides, chunk_tiles=args.chunk, aggregator_chunk_tiles=args.agg_chunk,
+        dtype=args.dtype, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate, steps=args.steps,
+        micro_batches=args.micro_batches, probes=not args.no_probes, seed=args.seed, device=device,
+        modes=args.mode, tile_parallel=args.tile_parallel,
     )
-    rows, ref_peak = run_checks(spec, args.nproc, tol, progress=lambda m: print(m, file=sys.stderr))
+    rows, ref = run_checks(spec, args.nproc, tol, progress=lambda m: print(m, file=sys.stderr))
     ks = ",".join(str(spec.k_of(i)) for i in range(spec.slides))
     print(f"encoder={spec.encoder} aggregator={spec.aggregator} tile={spec.tile_px}px K=[{ks}] chunk={spec.chunk_tiles} "
-          f"dtype={spec.dtype} device={device} steps={spec.steps} tol={tol:g}")
+          f"agg_chunk={spec.aggregator_chunk_tiles} dtype={spec.dtype} device={device} steps={spec.steps}x"
+          f"{spec.micro_batches} probes={'on' if spec.probes else 'off'} tol={tol:g} (per tensor, zero floor {ZERO_FLOOR:g})")
+    if ref.pooled_slides:
+        print(f"streamed softmax: the highest attention score was beyond the first chunk in {ref.late_peaks}/"
+              f"{ref.pooled_slides} slide-calls")
     mem = "peak_cuda_MB" if device == "cuda" else "peak_rss_MB"
-    header = f"{'nproc':>5} {'tile_par':>8} {'groups':>6} {'mode':<10} {'enc_grad':>10} {'agg_grad':>10} " \
-             f"{'params':>10} {mem:>13}  status"
-    print(header)
-    print(f"{1:>5} {1:>8} {1:>6} {'reference':<10} {0:>10.1e} {0:>10.1e} {0:>10.1e} {ref_peak:>13.1f}  ref")
+    print(f"{'nproc':>5} {'tile_par':>8} {'groups':>6} {'mode':<10} {'enc_grad':>9} {'agg_grad':>9} "
+          f"{'updates':>9} {mem:>12}  {'status':<6} worst tensor@rank")
+    print(f"{1:>5} {1:>8} {1:>6} {'reference':<10} {0:>9.1e} {0:>9.1e} {0:>9.1e} {ref.peak_mb:>12.1f}  ref")
     for r in rows:
-        status = "ok" if r.ok else ("FAIL " + r.error if r.error else "FAIL")
-        print(f"{r.nproc:>5} {r.tile_parallel:>8} {r.slide_groups:>6} {r.mode:<10} {r.encoder_grad:>10.1e} "
-              f"{r.aggregator_grad:>10.1e} {r.params:>10.1e} {r.peak_mb:>13.1f}  {status}")
+        status = "ok" if r.ok else "FAIL"
+        print(f"{r.nproc:>5} {r.tile_parallel:>8} {r.slide_groups:>6} {r.mode:<10} {r.encoder_grad:>9.1e} "
+              f"{r.aggregator_grad:>9.1e} {r.updates:>9.1e} {r.peak_mb:>12.1f}  {status:<6} {r.worst}"
+              + (f"  {r.error}" if r.error else ""))
     failed = [r for r in rows if not r.ok]
-    print(f"{len(rows) - len(failed)}/{len(rows)} configurations within tolerance {tol:g}")
+    print(f"{len(rows) - len(failed)}/{len(rows)} configurations within tolerance {tol:g} (every rank compared)")
     return 1 if failed else 0

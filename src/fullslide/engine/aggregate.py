@@ -1,8 +1,10 @@
 """Running the aggregator on one slide's features ``[K, D]``: with a graph, or streamed in bounded memory.
 
 Attention-pooling aggregators (``tile_stage`` + ``pool_head``: GMA, ABMIL, mean) run their per-tile stage on
-chunks of the slide (``aggregator_chunks``: whole encoder chunks, >= 1024 tiles), each under its own seed, then pool
-``z = softmax(a) @ h`` and apply the head. Other aggregators (transformer, max, user modules) are one call.
+chunks of ``aggregator_chunk_tiles`` tiles (default 1024: the stage is cheap per tile, so big chunks save call
+overhead at a few MB), each under its own seed, then pool ``z = softmax(a) @ h`` and apply the head. Other
+aggregators (transformer, max, user modules) are one call. The chunk layout is a function of K alone, so it is
+the same on every rank of a tile-parallel group (each runs the aggregator on all K features).
 
 ``graph``  keeps the autograd graph of the whole aggregator: memory ~ K x hidden (GMA: ~14 KB per tile).
 ``stream`` (``recompute`` mode) runs the tile stage without a graph, keeping only the K attention scores and an
@@ -22,14 +24,8 @@ from torch import nn
 from fullslide.engine.mesh import chunk_bounds
 from fullslide.engine.rng import AGGREGATOR_CHUNK, aggregator_tile_chunk, derive_seed, seeded
 
-#: The tile stage runs on chunks of at least this many tiles (a whole number of encoder chunks when larger):
-#: it is cheap per tile, so bigger chunks save per-call overhead at a few MB of memory.
-MIN_AGGREGATOR_CHUNK = 1024
-
-
-def aggregator_chunks(k: int, chunk_tiles: int) -> list[tuple[int, int]]:
-    """The tile-stage chunk layout of a K-tile slide (a function of K and chunk_tiles only)."""
-    return chunk_bounds(k, chunk_tiles * max(1, -(-MIN_AGGREGATOR_CHUNK // chunk_tiles)))
+#: Default tile-stage chunk of attention pooling.
+AGGREGATOR_CHUNK_TILES = 1024
 
 
 def is_attention_pooling(aggregator: nn.Module) -> bool:
@@ -38,7 +34,7 @@ def is_attention_pooling(aggregator: nn.Module) -> bool:
 
 
 def aggregate_graph(
-    aggregator: nn.Module, feats: torch.Tensor, *, chunk_tiles: int, step_seed: int, slide_index: int,
+    aggregator: nn.Module, feats: torch.Tensor, *, aggregator_chunk_tiles: int, step_seed: int, slide_index: int,
     device: torch.device,
 ):  # -> AggregatorOutput
     """The aggregator on ``[K, D]`` with autograd, seeded exactly as the streamed path is."""
@@ -46,7 +42,7 @@ def aggregate_graph(
         with seeded(derive_seed(step_seed, slide_index, AGGREGATOR_CHUNK), device):
             return aggregator(feats)
     hs, scores = [], []
-    for c, (start, stop) in enumerate(aggregator_chunks(feats.shape[0], chunk_tiles)):
+    for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], aggregator_chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
             h, a = aggregator.tile_stage(feats[start:stop])
         hs.append(h)
@@ -66,14 +62,16 @@ class StreamedPool:
     lse: torch.Tensor  # [] logsumexp of scores
     z: torch.Tensor  # [H] pooled embedding, a leaf that requires grad
     logits: torch.Tensor  # [C] pool_head(z), with its (small) graph
+    tile_scores: torch.Tensor | None = None  # [K] the aggregator's own heatmap score, where it has one
 
     @property
     def attention(self) -> torch.Tensor:
-        return torch.exp(self.scores - self.lse)  # [K]
+        """The heatmap score, as the aggregator's graph path reports it: its tile score, else the weights."""
+        return self.tile_scores if self.tile_scores is not None else torch.exp(self.scores - self.lse)  # [K]
 
 
 def stream_forward(
-    aggregator: nn.Module, feats: torch.Tensor, *, chunk_tiles: int, step_seed: int, slide_index: int,
+    aggregator: nn.Module, feats: torch.Tensor, *, aggregator_chunk_tiles: int, step_seed: int, slide_index: int,
     device: torch.device,
 ) -> StreamedPool:
     """Tile stage chunk by chunk without a graph (online softmax), then the head on a leaf ``z``."""
@@ -82,12 +80,17 @@ def stream_forward(
     m = torch.tensor(float("-inf"), device=feats.device)  # running max of scores
     total = torch.zeros((), device=feats.device)  # running sum of exp(a - m)
     acc = None  # running sum of exp(a - m) * h   [H]
+    heat = None  # [K] the aggregator's own tile scores, where it has them
     with torch.no_grad():
-        for c, (start, stop) in enumerate(aggregator_chunks(k, chunk_tiles)):
+        for c, (start, stop) in enumerate(chunk_bounds(k, aggregator_chunk_tiles)):
             with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
                 h, a = aggregator.tile_stage(feats[start:stop])
             h, a = h.float(), a.float()
             scores[start:stop] = a
+            tile_scores = aggregator.tile_scores(h) if callable(getattr(aggregator, "tile_scores", None)) else None
+            if tile_scores is not None:
+                heat = torch.empty(k, device=feats.device) if heat is None else heat
+                heat[start:stop] = tile_scores
             m_new = torch.maximum(m, a.max())  # stays on device: no host sync
             rescale = torch.exp(m - m_new)
             e = torch.exp(a - m_new)  # [k]
@@ -97,11 +100,11 @@ def stream_forward(
     z = (acc / total).requires_grad_()
     with seeded(derive_seed(step_seed, slide_index, AGGREGATOR_CHUNK), device):
         logits = aggregator.pool_head(z)
-    return StreamedPool(scores=scores, lse=m + torch.log(total), z=z, logits=logits)
+    return StreamedPool(scores=scores, lse=m + torch.log(total), z=z, logits=logits, tile_scores=heat)
 
 
 def stream_backward(
-    aggregator: nn.Module, feats: torch.Tensor, pool: StreamedPool, *, chunk_tiles: int, step_seed: int,
+    aggregator: nn.Module, feats: torch.Tensor, pool: StreamedPool, *, aggregator_chunk_tiles: int, step_seed: int,
     slide_index: int, device: torch.device,
 ) -> None:
     """Accumulate tile-stage ``.grad`` and ``feats.grad`` (``feats`` is a leaf) from ``pool.z.grad``."""
@@ -109,7 +112,7 @@ def stream_backward(
     if dz is None:
         return
     z_dot = torch.dot(pool.z.detach(), dz)
-    for c, (start, stop) in enumerate(aggregator_chunks(feats.shape[0], chunk_tiles)):
+    for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], aggregator_chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
             h, a = aggregator.tile_stage(feats[start:stop])  # same seed: same dropout masks as phase 3a
         w = torch.exp(pool.scores[start:stop] - pool.lse)  # [k] softmax weights, constants

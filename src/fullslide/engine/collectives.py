@@ -125,15 +125,18 @@ def share_rows(ctx: ParallelContext, rows: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_gradients(ctx: ParallelContext, params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum ``.grad`` of ``params`` over the world, in flat buckets (params without a grad count as zeros)."""
+    """Sum ``.grad`` of ``params`` over the world, in flat buckets.
+
+    A parameter without a gradient on this rank contributes zeros. One that has no gradient on *any* rank keeps
+    ``.grad = None``, as it would in one process (an optimizer then skips it: AdamW applies no weight decay to
+    it). Each bucket carries one presence count per parameter after its gradients, so this costs no extra
+    collective.
+    """
     if not ctx.distributed:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
     by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
     for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+        by_dtype.setdefault(p.dtype, []).append(p)  # by the parameter: the same buckets on every rank
     for group in by_dtype.values():
         bucket: list[torch.nn.Parameter] = []
         size = 0
@@ -142,10 +145,24 @@ def all_reduce_gradients(ctx: ParallelContext, params: Sequence[torch.nn.Paramet
                 bucket.append(p)
                 size += p.numel()
                 continue
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # COLLECTIVE (world): gradients, one bucket
-            offset = 0
-            for q in bucket:
-                q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
-                offset += q.numel()
+            _reduce_bucket(bucket)
             bucket, size = ([p], p.numel()) if p is not None else ([], 0)
+
+
+def _reduce_bucket(bucket: list[torch.nn.Parameter]) -> None:
+    """One all_reduce for the gradients of ``bucket`` (same dtype) and their presence counts."""
+    ref = bucket[0].grad if bucket[0].grad is not None else bucket[0]
+    parts = [q.grad.reshape(-1) if q.grad is not None else ref.new_zeros(q.numel()) for q in bucket]
+    present = torch.tensor([q.grad is not None for q in bucket], dtype=ref.dtype, device=ref.device)
+    flat = torch.cat(parts + [present])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)  # COLLECTIVE (world): gradients + presence, one bucket
+    anyone = (flat[-len(bucket):] > 0).tolist()  # host sync: one per bucket
+    offset = 0
+    for q, has in zip(bucket, anyone):
+        if not has:  # no rank had a gradient: stay None, as in one process
+            q.grad = None
+        elif q.grad is None:
+            q.grad = flat[offset : offset + q.numel()].view_as(q).clone()
+        else:
+            q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
+        offset += q.numel()

@@ -49,7 +49,14 @@ def _run_chunk(
 ) -> torch.Tensor:
     """Encode one chunk under its seed: ``[c, 3, H, W]`` -> ``[c, D]`` (dtype of the autocast region)."""
     with seeded(seed, device), autocast_ctx(device, amp_dtype):
-        return encoder(tiles.to(device, non_blocking=True))
+        out = encoder(tiles.to(device, non_blocking=True))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != tiles.shape[0]:
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise TypeError(
+            f"the encoder returned {got} for {tiles.shape[0]} tiles; the engine needs features [tiles, D] "
+            "(wrap the backbone in fullslide.models.TileEncoder, which pools token and map outputs)"
+        )
+    return out
 
 
 def encode(

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from fullslide.engine import recompute
-from fullslide.engine.aggregate import aggregate_graph, is_attention_pooling, stream_backward, stream_forward
+from fullslide.engine.aggregate import (
+    AGGREGATOR_CHUNK_TILES,
+    aggregate_graph,
+    is_attention_pooling,
+    stream_backward,
+    stream_forward,
+)
 from fullslide.engine.collectives import ParallelContext, all_gather_rows, all_reduce_gradients, share_rows
 from fullslide.engine.mesh import chunk_bounds, rank_chunk_range, rank_tile_range
 from fullslide.engine.recompute import MODES, Mode, autocast_ctx
@@ -134,6 +140,7 @@ def step(
     *,
     mode: Mode = "recompute",
     chunk_tiles: int = 64,
+    aggregator_chunk_tiles: int = AGGREGATOR_CHUNK_TILES,
     step_seed: int = 0,
     amp_dtype: torch.dtype | None = None,
     grad_scaler: "torch.amp.GradScaler | None" = None,
@@ -144,7 +151,8 @@ def step(
     ``model`` has ``.encoder`` (tiles -> ``[k, D]``, exposing ``feature_dim``) and ``.aggregator``
     (``[K, D]`` -> AggregatorOutput). ``bags`` are this rank's slides (tensors are taken as whole slides with
     index = position); ``targets`` holds all N slides of the step across all slide groups. ``step_seed``
-    fixes dropout/drop-path draws (use a different one per step). ``amp_dtype`` autocasts the encoder
+    fixes dropout/drop-path draws (use a different one per step); ``aggregator_chunk_tiles`` is the tile-stage
+    chunk of attention pooling (part of the seeding contract, like ``chunk_tiles``). ``amp_dtype`` autocasts the encoder
     (bfloat16, or float16 with ``grad_scaler``); the aggregator and the loss run in float32.
     Raises :class:`NonFiniteLossError` (consistently on every rank) without touching ``.grad``.
     """
@@ -162,8 +170,9 @@ def step(
     encoder, aggregator = model.encoder, model.aggregator
     enc_params = [p for p in encoder.parameters() if p.requires_grad]
     agg_params = [p for p in aggregator.parameters() if p.requires_grad]
+    params = list(dict.fromkeys(enc_params + agg_params))  # a parameter tied between the two appears once
     feature_dim = int(getattr(encoder, "feature_dim"))
-    stash = _stash_grads(enc_params + agg_params)
+    stash = _stash_grads(params)
     try:
         # Phase 1: encode this rank's share of every slide.
         passes: list[recompute.EncoderPass | None] = []
@@ -180,11 +189,12 @@ def step(
             )
             passes.append(p)
             local.append(p.features)
-        # Phase 2: every rank of the group gets all K features of its slides.
-        feats = [f.requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
+        # Phase 2: every rank of the group gets all K features of its slides. Detached: a new leaf, never the
+        # caller's precomputed tensor (no requires_grad or .grad left on it).
+        feats = [f.detach().requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
         # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
         streamed = mode == "recompute" and is_attention_pooling(aggregator)
-        agg_kw = dict(chunk_tiles=chunk_tiles, step_seed=step_seed, device=device)
+        agg_kw = dict(aggregator_chunk_tiles=aggregator_chunk_tiles, step_seed=step_seed, device=device)
         outs = [
             (stream_forward if streamed else aggregate_graph)(aggregator, f, slide_index=b.index, **agg_kw)
             for b, f in zip(items, feats)
@@ -207,6 +217,12 @@ def step(
         if streamed:  # re-run the tile stage chunk by chunk: aggregator grads and dLoss/dFeatures
             for b, f, o in zip(items, feats, outs):
                 stream_backward(aggregator, f, o, slide_index=b.index, **agg_kw)
+        # Every rank of a group holds the same aggregator gradient (replicated aggregator): keep rank 0's copy
+        # only, so the world sum counts it once. Done here, before phase 4, so that the encoder-side gradient of
+        # a parameter tied between encoder and aggregator, which every rank adds for its own tiles, is kept.
+        if ctx.tp_rank != 0:
+            for q in agg_params:
+                q.grad = None
         # Phase 4: backpropagate this rank's slice of dLoss/dFeatures through the encoder.
         for b, p, f in zip(items, passes, feats):
             if p is None or not enc_params:
@@ -216,14 +232,10 @@ def step(
                 encoder, b.tiles, p, f.grad[start:stop], mode=mode, step_seed=step_seed,
                 slide_index=b.index, device=device, amp_dtype=amp_dtype,
             )
-        # Phase 5: sum over the world. Group members hold identical aggregator grads: keep one copy each.
-        if ctx.distributed:
-            if ctx.tp_rank != 0:
-                for q in agg_params:
-                    q.grad = None
-            all_reduce_gradients(ctx, enc_params + agg_params)
+        # Phase 5: sum over the world.
+        all_reduce_gradients(ctx, params)
     except BaseException:
-        for q in enc_params + agg_params:
+        for q in params:
             q.grad = None
         _unstash_grads(stash)
         raise

@@ -40,10 +40,16 @@ class AttentionPooling(nn.Module):
     def pool_head(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def tile_scores(self, h: torch.Tensor) -> torch.Tensor | None:
+        """The per-tile heatmap score ``[k]`` when it is not the attention weight (mean pooling: the last-class
+        tile logit), else None. The engine's streamed path calls this too, so every mode reports the same."""
+        return h[:, -1] if self.tile_logits_are_h else None
+
     def output(self, logits: torch.Tensor, weights: torch.Tensor, h: torch.Tensor) -> AggregatorOutput:
-        """Package pooled logits; the heatmap score is the attention weight, or for mean pooling the tile logit."""
-        if self.tile_logits_are_h:
-            return AggregatorOutput(logits=logits, attention=h[:, -1], tile_logits=h)
+        """Package pooled logits with the heatmap score (:meth:`tile_scores`, or the attention weights)."""
+        scores = self.tile_scores(h)
+        if scores is not None:
+            return AggregatorOutput(logits=logits, attention=scores, tile_logits=h if self.tile_logits_are_h else None)
         return AggregatorOutput(logits=logits, attention=weights)
 
     def forward(self, feats: torch.Tensor) -> AggregatorOutput:

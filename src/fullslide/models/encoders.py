@@ -45,10 +45,32 @@ class TileEncoder(nn.Module):
         # (x / 255 - mean) / std as one fused multiply-add: x * scale + shift
         scale = 1.0 / (self.std * 255.0) if tiles.dtype == torch.uint8 else 1.0 / self.std
         x = torch.addcmul(-self.mean / self.std, tiles.float(), scale)  # [B, 3, H, W]
-        feats = self.backbone(x)
-        if feats.ndim != 2:  # a backbone that still returns a map: global-average-pool it
-            feats = feats.flatten(2).mean(-1) if feats.ndim > 2 else feats.view(feats.shape[0], -1)
-        return feats  # [B, D]
+        return pool_features(self.backbone(x), self.feature_dim)  # [B, D]
+
+
+def pool_features(out: Any, feature_dim: int) -> torch.Tensor:
+    """A backbone's output as ``[B, D]`` features.
+
+    A tuple or list (``(features, extras)``, as several backbones return) gives its first element. Token sequences
+    ``[B, T, D]`` are averaged over the tokens, feature maps over space, ``[B, D, H, W]`` (NCHW) or
+    ``[B, H, W, D]`` (NHWC): the axis of width ``feature_dim`` is kept, never averaged away.
+    """
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"the encoder backbone returned {type(out).__name__}; expected a tensor of features")
+    if out.ndim == 3 and out.shape[2] == feature_dim:
+        out = out.mean(1)  # [B, T, D]: mean over tokens
+    elif out.ndim == 4 and out.shape[1] == feature_dim:
+        out = out.mean((2, 3))  # [B, D, H, W]
+    elif out.ndim == 4 and out.shape[3] == feature_dim:
+        out = out.mean((1, 2))  # [B, H, W, D]
+    if out.ndim != 2 or out.shape[1] != feature_dim:
+        raise ModelError(
+            f"the encoder backbone returned features of shape {tuple(out.shape)}; expected [B, {feature_dim}] "
+            f"(or tokens [B, T, {feature_dim}] / maps with {feature_dim} channels, which are pooled)"
+        )
+    return out
 
 
 class TinyCNN(nn.Module):

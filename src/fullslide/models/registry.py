@@ -70,7 +70,11 @@ def _probe_feature_dim(backbone: nn.Module, tile_px: int) -> int:
     with torch.no_grad():
         out = backbone(torch.zeros(1, 3, tile_px, tile_px))
     backbone.train(was_training)
-    return int(out.reshape(1, -1).shape[1]) if out.ndim != 4 else int(out.shape[1])
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]  # (features, extras): the features come first
+    if out.ndim == 3:
+        return int(out.shape[2])  # tokens [1, T, D]
+    return int(out.shape[1]) if out.ndim == 4 else int(out.reshape(1, -1).shape[1])  # maps: NCHW
 
 
 def create_encoder(

@@ -1,0 +1,1 @@
+"""The proof of the engine: an independent single-graph reference, probe parameters, and check-grad."""
