@@ -55,7 +55,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    default=["full", "checkpoint", "recompute"], help="memory modes, comma-separated")
     p.add_argument("--tile-parallel", type=_int_list, default=None,
                    help="tile-parallel degrees to check (default: every divisor of each process count)")
-    p.add_argument("--steps", type=int, default=3, help="SGD steps before comparing parameters")
+    p.add_argument("--steps", type=int, default=None,
+                   help="SGD steps whose parameter updates are compared (default 3 in float32; 1 in bfloat16/float16, "
+                        "where a one-ulp weight difference re-rounds the next steps' low-precision forward)")
     p.add_argument("--drop-rate", type=float, default=0.1, help="encoder dropout (exercises RNG replay)")
     p.add_argument("--drop-path-rate", type=float, default=0.1, help="encoder drop-path, for models that have it")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -81,7 +83,8 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
     spec = CheckSpec(
         encoder=args.encoder, aggregator=args.aggregator, weights=args.weights, tile_px=args.tile_size,
         tiles=args.tiles, slides=args.slides, chunk_tiles=args.chunk, aggregator_chunk_tiles=args.agg_chunk,
-        dtype=args.dtype, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate, steps=args.steps,
+        dtype=args.dtype, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
+        steps=args.steps if args.steps is not None else (3 if args.dtype == "float32" else 1),
         micro_batches=args.micro_batches, probes=not args.no_probes, seed=args.seed, device=device,
         modes=args.mode, tile_parallel=args.tile_parallel,
     )
