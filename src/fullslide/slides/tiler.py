@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 Status = Literal["ok", "empty", "skipped", "failed"]
 PATCHES, THUMBNAILS, SUMMARY = "patches", "thumbnails", "tiling_summary.csv"
-#: Mask pixels per tile side aimed for, and the mask's longest side at most.
-_MASK_PX_PER_TILE, _MASK_MAX_PX = 16, 4096
+#: The tissue mask's resolution (micrometres per mask pixel), the same whatever the tile size, so the tissue
+#: kept does not depend on it; coarser only where the mask's longest side would exceed ``_MASK_MAX_PX``.
+MASK_MPP, _MASK_MAX_PX = 4.0, 4096
 #: Tiles read back after tiling to catch corrupt pixel data early.
 _PROBE_TILES = 4
 
@@ -145,7 +146,7 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         slide_mpp = slide.require_mpp()
         geometry = plan_tile_geometry(slide_mpp, slide.level_downsamples, params.target_mpp, params.tile_px, params.match_tolerance)
         width, height = slide.dimensions
-        mask_ds = max(1.0, geometry.level0_px / _MASK_PX_PER_TILE, max(width, height) / _MASK_MAX_PX)
+        mask_ds = max(1.0, MASK_MPP / slide_mpp, max(width, height) / _MASK_MAX_PX)
         mask_px = math.ceil(max(width, height) / mask_ds)
         # one read serves both the mask and the preview (a second full decode costs as much as the first)
         image = slide.thumbnail(max(mask_px, min(params.thumbnail_px, max(width, height))))

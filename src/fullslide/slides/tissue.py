@@ -25,8 +25,11 @@ class TissueParams:
     """Pixels whose brightest channel is below this are artefacts (dust, folds, black ink)."""
     pen_margin: int = 12
     """Pixels whose green exceeds red by more than this are pen ink (green/blue markers)."""
+    min_artefact_um2: float = 1000.0
+    """An artefact is a region: dark or pen-coloured pieces smaller than this (a dense nucleus, a JPEG-tinted
+    pixel) are tissue, not artefacts."""
     artefact_margin_um: float = 20.0
-    """Artefact masks are dilated by this, to drop the anti-aliased rim of pen strokes."""
+    """Artefact regions are dilated by this, to drop the anti-aliased rim of pen strokes."""
     closing_um: float = 16.0
     """Radius of the closing that bridges small gaps inside tissue."""
     min_area_um2: float = 4000.0
@@ -37,7 +40,7 @@ class TissueParams:
     def __post_init__(self) -> None:
         if not 0 <= self.min_saturation <= self.max_saturation_threshold <= 1:
             raise ValueError("need 0 <= min_saturation <= max_saturation_threshold <= 1")
-        for name in ("artefact_margin_um", "closing_um", "min_area_um2", "max_hole_um2"):
+        for name in ("min_artefact_um2", "artefact_margin_um", "closing_um", "min_area_um2", "max_hole_um2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TissueParams.{name} must be >= 0")
 
@@ -67,7 +70,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256, value_range: tuple[float
 
 
 def artefact_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
-    """Near-black pixels and green/blue pen ink, bool [h, w]."""
+    """Near-black pixels and green/blue pen ink, bool [h, w] (pixels; :func:`tissue_mask` keeps regions only)."""
     rgb16 = np.asarray(rgb, dtype=np.int16)
     dark = rgb16.max(axis=2) < params.dark_max
     pen = (rgb16[..., 1] - rgb16[..., 0]) > params.pen_margin
@@ -80,7 +83,7 @@ def tissue_mask(rgb: np.ndarray, mask_mpp: float, params: TissueParams = TissueP
         raise ValueError(f"mask_mpp must be positive, got {mask_mpp}")
     rgb = np.asarray(rgb)
     sat = saturation(rgb)
-    artefacts = artefact_mask(rgb, params)
+    artefacts = remove_small_objects(artefact_mask(rgb, params), params.min_artefact_um2 / mask_mpp**2)
     margin = _px(params.artefact_margin_um, mask_mpp)
     if margin > 0 and artefacts.any():
         artefacts = ndimage.binary_dilation(artefacts, structure=disk(margin))
