@@ -61,7 +61,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill"])
 def test_interrupted_then_resumed_run_matches_uninterrupted(setup: tuple[Path, Path], how: str) -> None:
     root, cohort = setup
     run = root / f"run_{how}"
@@ -70,10 +70,11 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(setup: tuple[Path, P
                             stderr=subprocess.PIPE, text=True)
     _wait_for(run / "checkpoints" / "last.json", proc)  # epoch 1 is saved; now in epoch 2
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+    sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how]
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    if how == "sigint":
-        assert proc.returncode == 130, err[-2000:]
+    if how != "sigkill":  # Ctrl-C and Slurm's SIGTERM: finish the step, checkpoint, exit 128 + signal
+        assert proc.returncode == 128 + sig, err[-2000:]
         assert "continue with --resume" in err
     else:
         assert proc.returncode == -signal.SIGKILL
@@ -112,3 +113,52 @@ def test_torchrun_tile_parallel_matches_single_process(setup: tuple[Path, Path])
             assert g[0] == e[0] and g[4] == e[4]
             for a, b in zip(g[1:4], e[1:4]):
                 assert abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b))), (g, e)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(setup: tuple[Path, Path]) -> None:
+    root, cohort = setup
+    run = root / "run_locked"
+    config = _write_config(root, cohort, run)
+    first = subprocess.Popen(_cmd("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(run / "config.yaml", first)
+        second = subprocess.run(_cmd("train", "--resume", str(run), "--no-progress"), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 2
+        line = second.stderr.strip().splitlines()[-1]
+        assert f"{run}: another fullslide run (pid {first.pid} on " in line and "is writing to this folder" in line
+    finally:
+        first.kill()
+        first.communicate()
+    # the kernel dropped the killed run's lock: resuming works, and removes what the kill left half-written
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / ".e0009.abc.tmp").mkdir()
+    (run / ".metrics.csv.xyz.tmp.csv").write_text("half")
+    if (run / "checkpoints" / "last.json").exists():
+        _run(config, ["--resume", str(run)])
+        assert not list(run.rglob("*.tmp*"))
+        assert len(_metrics(run)) == 3
+        log = (run / "train.log").read_text()
+        assert "started" in log and "resumed" in log and "epoch   3" in log
+
+
+def test_a_rank_that_dies_under_torchrun_is_named_in_one_line(setup: tuple[Path, Path]) -> None:
+    import psutil
+
+    root, cohort = setup
+    run = root / "torchrun_killed"
+    config = _write_config(root, cohort, run, tile_parallel=2, slides_per_step=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "fullslide.cli", "train", str(config), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(run / "checkpoints" / "last.json", proc)
+    ranks = psutil.Process(proc.pid).children(recursive=False)  # the workers torchrun started (not loader workers)
+    rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")
+    rank1.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("fullslide train: error: lost")]
+    assert lines, err[-3000:]
+    assert f"lost rank 1 (pid {rank1.pid} on " in lines[0] and f"train --resume {run}" in lines[0]

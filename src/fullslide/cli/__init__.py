@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FullslideError as exc:
         print(f"fullslide {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM acted on by train after saving (143)
         print(f"fullslide {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", 2))
 
 
 if __name__ == "__main__":  # pragma: no cover

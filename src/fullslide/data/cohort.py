@@ -28,6 +28,7 @@ from typing import Iterable, Literal, Sequence, get_args
 import numpy as np
 
 from fullslide.errors import CohortError, ConfigError
+from fullslide.slides.inputs import slide_id_problem
 
 Task = Literal["classification", "survival", "regression"]
 TASKS: tuple[str, ...] = get_args(Task)
@@ -300,6 +301,9 @@ def _parse_row(
         if not cells[column]:
             raise cell_error(source, row, column, "empty value")
     slide_id = cells["slide_id"]
+    problem = slide_id_problem(slide_id)
+    if problem:
+        raise cell_error(source, row, "slide_id", problem)
     path = Path(cells["path"]).expanduser()
     path = path if path.is_absolute() else base / path
     if check_paths and not path.exists():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -28,8 +29,10 @@ from fullslide.atomic import atomic_path
 from fullslide.data.cohort import SPLIT_NAMES, CohortTable, cell_error, read_csv_rows
 from fullslide.errors import CohortError, ConfigError
 
-SplitMethod = Literal["column", "kfold", "fractions"]
-SPLIT_METHODS: tuple[str, ...] = ("column", "kfold", "fractions")
+log = logging.getLogger(__name__)
+
+SplitMethod = Literal["auto", "column", "kfold", "fractions"]
+SPLIT_METHODS: tuple[str, ...] = ("auto", "column", "kfold", "fractions")
 #: Most quantile bins used to stratify a regression target.
 MAX_REGRESSION_BINS = 5
 
@@ -106,17 +109,32 @@ def _check_options(method: str, folds: int, fold: int, fractions: Sequence[float
                               f"got {folds}")
         if not isinstance(fold, int) or not 0 <= fold < folds:
             raise ConfigError(f"fold: must be in [0, {folds - 1}], got {fold}")
-    if method == "fractions":
+    if method in ("fractions", "auto"):
         if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions):
             raise ConfigError(f"fractions: need three non-negative numbers (train, val, test), got {list(fractions)}")
         if abs(sum(fractions) - 1.0) > 1e-6:
             raise ConfigError(f"fractions: must sum to 1, got {list(fractions)} (sum {sum(fractions):g})")
 
 
+def resolve_split_method(cohort: CohortTable, method: str) -> str:
+    """``auto`` -> ``column`` when any row of the cohort has a split, else ``fractions``; others unchanged.
+
+    Logs which source the splits come from, and warns when a split column is present but not used.
+    """
+    has_column = any(r.split is not None for r in cohort.records)
+    if method == "auto":
+        method = "column" if has_column else "fractions"
+        if has_column:
+            log.info("splits: from the 'split' column of %s", cohort.source)
+    elif has_column and method != "column":
+        log.warning("the 'split' column of %s is ignored: data.split_method is '%s'", cohort.source, method)
+    return method
+
+
 def assign_splits(
     cohort: CohortTable,
     *,
-    method: SplitMethod = "fractions",
+    method: SplitMethod = "auto",
     folds: int = 5,
     fold: int = 0,
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
@@ -124,7 +142,7 @@ def assign_splits(
 ) -> dict[str, str]:
     """Slide id -> "train" / "val" / "test", patient-level and stratified.
 
-    ``column``: the CSV's ``split`` column, which every row must fill. ``kfold``: patients in
+    ``auto``: ``column`` when the cohort has a ``split`` column, else ``fractions``. ``column``: the CSV's ``split`` column, which every row must fill. ``kfold``: patients in
     ``folds`` stratified folds; fold ``fold`` is test, fold ``(fold + 1) % folds`` is val, the rest
     train (the same seed gives the same folds for every ``fold``). ``fractions``: train / val / test
     by patient fractions; a fraction may be 0. The CSV's split column is ignored by the last two.
@@ -132,6 +150,7 @@ def assign_splits(
     _check_options(method, folds, fold, fractions)
     if len(cohort) == 0:
         raise CohortError(f"{cohort.source}: no slides to split")
+    method = resolve_split_method(cohort, method)
     if method == "column":
         for r in cohort.records:
             if r.split is None:

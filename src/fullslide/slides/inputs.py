@@ -34,6 +34,24 @@ class InputError:
     message: str
 
 
+def slide_id_problem(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name output files (``{out}/patches/{slide_id}.h5``, heatmaps, features), or None.
+
+    Output files are named after slide ids, so an id must stay inside its folder: no path separators, not
+    ``.`` or ``..``, no control characters. Such ids are refused, never rewritten, so that a file name always
+    equals its slide id.
+    """
+    if not slide_id.strip():
+        return "is empty"
+    if "/" in slide_id or "\\" in slide_id:
+        return f"'{slide_id}' contains a path separator (output files are named after slide ids)"
+    if slide_id in (".", ".."):
+        return f"'{slide_id}' is not a file name"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in slide_id):
+        return f"{slide_id!r} contains a control character"
+    return None
+
+
 def collect_jobs(inputs: Iterable[str | Path], *, mpp: float | None = None) -> tuple[list[SlideJob], list[InputError]]:
     """Expand slide paths, folders and CSV files into jobs (in order), plus per-input errors.
 
@@ -96,7 +114,11 @@ def read_slide_csv(csv_path: Path, *, default_mpp: float | None = None) -> list[
         path = Path(row["path"]).expanduser()
         if not path.is_absolute():
             path = csv_path.parent / path
-        jobs.append(SlideJob(path, row.get("slide_id") or path.stem, _mpp(row.get("mpp"), csv_path, line, default_mpp)))
+        slide_id = row.get("slide_id") or path.stem
+        problem = slide_id_problem(slide_id)
+        if problem:
+            raise CohortError(f"{csv_path}: line {line}: column 'slide_id': {problem}")
+        jobs.append(SlideJob(path, slide_id, _mpp(row.get("mpp"), csv_path, line, default_mpp)))
     return jobs
 
 

@@ -68,7 +68,7 @@ class TilingParams:
     def fingerprint(self, job: SlideJob, slide_stat: tuple[int, int]) -> str:
         """Hash of everything the coords depend on: parameters, mpp override, slide size and mtime."""
         payload = {
-            "v": 1,
+            "v": 2,  # 2: tissue mask at a fixed resolution (MASK_MPP), artefacts as regions
             "target_mpp": self.target_mpp,
             "tile_px": self.tile_px,
             "tissue_threshold": self.tissue_threshold,

@@ -83,16 +83,33 @@ def save_checkpoint(
             full_state["scaler"] = scaler.state_dict()
         full_state["torch_rng"] = torch.get_rng_state().tolist()
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
+        revision = 1
+        while final.exists():  # never delete what a pointer may name: a re-save gets a fresh name
+            revision += 1
+            final = root / f"{name}-r{revision}"
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for pointer in pointers:
-        atomic_write_text(root / f"{pointer}.json", json.dumps({"checkpoint": name}))
+        atomic_write_text(root / f"{pointer}.json", json.dumps({"checkpoint": final.name}))
     _prune(root)
     return final
+
+
+def remove_stale(run_dir: str | Path) -> int:
+    """Remove what an interrupted writer left: temporary checkpoint folders and atomic-write temporaries in the
+    run folder, and checkpoints no pointer names. Call it only while holding the run's lock. Returns the count."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.glob(".*.tmp*") if p.is_file()]
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        stale += [p for p in root.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if root.is_dir() and (root / "last.json").exists():
+        _prune(root)
+    return len(stale)
 
 
 def _prune(root: Path) -> None:

@@ -39,7 +39,8 @@ class DataConfig:
     tissue_threshold: float = _f(0.5, "minimal tissue fraction of a kept tile")
     backend: Literal["auto", "openslide", "tiffslide", "image"] = _f("auto", "slide reader")
     mpp: float | None = _f(None, "mpp of slides without metadata (a CSV mpp column overrides it per slide)")
-    split_method: Literal["column", "kfold", "fractions"] = _f("fractions", "patient-level split: CSV column, k-fold or fractions")
+    split_method: Literal["auto", "column", "kfold", "fractions"] = _f(
+        "auto", "patient-level split: auto (the cohort's split column if it has one, else fractions), column, kfold, fractions")
     folds: int = _f(5, "number of folds (split_method kfold)")
     fold: int = _f(0, "test fold; the next fold is validation (split_method kfold)")
     fractions: list[float] = _f(None, "train/val/test fractions (split_method fractions)", factory=lambda: [0.7, 0.15, 0.15])
@@ -183,6 +184,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return dict(value)
+    if tp in (int, float) and isinstance(value, str):
+        value = _number(value, tp, key)  # YAML 1.1 reads 3e-5 (no dot) as a string: accept numeric strings
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -190,6 +193,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp in (str, bool) and isinstance(value, tp):
         return value
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _number(text: str, tp: type, key: str) -> Any:
+    """A numeric string as ``tp`` (``"3e-5"`` -> 3e-05, ``"8"`` -> 8); the string itself if it is not one."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text
+    if tp is int:
+        if not number.is_integer():
+            raise ConfigError(f"config key '{key}': expected int, got {text!r}")
+        return int(number)
+    return number
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -230,7 +246,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                          "quote strings with special characters") from exc
 
 
 def config_from_dict(raw: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -252,9 +272,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+        if raw is None:
+            raise ConfigError(f"{path}: the config file is empty (`fullslide config --show` prints every key)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(raw, overrides)

@@ -39,8 +39,11 @@ class RunLogger:
         self.writer = None
         if not enabled:
             return
-        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")  # appends: a resume continues it
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
+        if log.level == logging.NOTSET:  # the file gets the epoch lines even where the caller's logging is quieter
+            log.setLevel(logging.INFO)
         log.addHandler(handler)
         self._handler = handler
         try:

@@ -168,6 +168,38 @@ def prepare_data(config: Config, run_dir: Path, ctx: ParallelContext, *, progres
     return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded)
 
 
+def check_trainable(data: RunData, task: str) -> None:
+    """Refuse splits that cannot train what the user asked for; warn where a run stays meaningful.
+
+    One line each, naming the cohort and the class or split at fault.
+    """
+    by_split: dict[str, list[Any]] = {}
+    for r in data.cohort.records:
+        if r.slide_id in data.sources:
+            by_split.setdefault(data.splits.get(r.slide_id, ""), []).append(r)
+    train, val = by_split.get("train", []), by_split.get("val", [])
+    source = data.cohort.source
+    if task == "classification":
+        trained = {r.label for r in train}
+        for name in data.cohort.classes:
+            if name not in trained:
+                where = sorted(s for s, rs in by_split.items() if any(r.label == name for r in rs)) or ["no usable"]
+                raise FullslideError(f"{source}: class '{name}' has no training slide (only in the "
+                                     f"{', '.join(where)} split): the model cannot learn it; fix the labels or splits")
+        if val and len({r.label for r in val}) < 2:
+            log.warning("%s: the validation split holds one class only: AUC is undefined there, so the best "
+                        "checkpoint is chosen on validation loss", source)
+    elif task == "survival":
+        if not any(r.event for r in train):
+            raise FullslideError(f"{source}: no event (event = 1) among the {len(train)} training slides: the Cox "
+                                 "loss is 0 and the C-index undefined; survival needs observed events")
+        if val and not any(r.event for r in val):
+            log.warning("%s: no event in the validation split: the C-index is undefined there, so the best "
+                        "checkpoint is chosen on validation loss", source)
+    elif task == "regression" and len({r.target for r in train}) < 2:
+        raise FullslideError(f"{source}: every training slide has the same target: there is nothing to regress")
+
+
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
     atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=1))
 

@@ -11,9 +11,12 @@ would have taken. Runs unchanged under torchrun (``train.tile_parallel`` ranks s
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -25,11 +28,13 @@ from fullslide.data.augment import Augment
 from fullslide.data.loader import StepDataset, make_loader
 from fullslide.data.sampler import TileSampler, step_seed
 from fullslide.engine import Bag, NonFiniteLossError, ParallelContext, init_parallel, shutdown_parallel, step
-from fullslide.errors import FullslideError
+from fullslide.atomic import atomic_write_text
+from fullslide.errors import ConfigError, FullslideError
 from fullslide.train import checkpoint as ckpt
 from fullslide.train.config import Config, dump_yaml, load_config
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
-from fullslide.train.setup import amp_dtype, build_model, prepare_data, write_run_info
+from fullslide.train.runlock import RunLock
+from fullslide.train.setup import amp_dtype, build_model, check_trainable, prepare_data, write_run_info
 from fullslide.train.validate import evaluate_sources, selection
 
 log = logging.getLogger("fullslide.train")
@@ -101,13 +106,27 @@ def _agree(ctx: ParallelContext, n: int, failures: list[tuple[int, str]], stop: 
 
 
 class StopRequested(KeyboardInterrupt):
-    """Ctrl-C acted on at a step or epoch boundary, where the saved state matches the steps taken."""
+    """Ctrl-C or SIGTERM acted on at a step or epoch boundary, where the saved state matches the steps taken.
+
+    ``signum`` is the signal that asked (the command exits with 128 + signum: 130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__()
+        self.signum = int(signum)
+
+
+class StopFlag(threading.Event):
+    """Set by the first SIGINT / SIGTERM; remembers which signal it was."""
+
+    signum: int = signal.SIGINT
 
 
 @contextlib.contextmanager
-def deferred_interrupt(flag: threading.Event):
-    """First Ctrl-C only sets ``flag`` (training stops before its next step, or after the current validation,
-    in a consistent state and saves it); a second Ctrl-C interrupts at once, without saving."""
+def deferred_interrupt(flag: StopFlag):
+    """The first SIGINT (Ctrl-C) or SIGTERM (Slurm before preemption or the time limit) only sets ``flag``:
+    training stops before its next step, or after the current validation, in a consistent state, and saves it.
+    A second signal interrupts at once, without saving."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -115,14 +134,17 @@ def deferred_interrupt(flag: threading.Event):
     def handler(signum: int, frame: Any) -> None:
         if flag.is_set():
             raise KeyboardInterrupt
+        flag.signum = signum
         flag.set()
-        log.warning("interrupt: stopping at the next step boundary and saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("%s: stopping at the next step boundary and saving a checkpoint (send it again to abort)",
+                    signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Trainer:
@@ -141,17 +163,28 @@ class Trainer:
         self.run_dir = Path(config.run_dir) if resume is None else Path(resume)
         self.resuming = resume is not None
         self.progress = progress
-        self.stop = threading.Event()
-        self.ctx = init_parallel(config.train.tile_parallel, device=config.train.device)
+        self.stop = StopFlag()
+        try:
+            self.ctx = init_parallel(config.train.tile_parallel, device=config.train.device)
+        except ValueError as exc:  # tile_parallel does not divide the world
+            raise ConfigError(f"config key 'train.tile_parallel': {exc}") from None
         self.rank0 = self.ctx.rank == 0
+        self.peers = _peers(self.ctx)  # (host, pid) of every rank, to name a rank that dies
+        self.lock: RunLock | None = None
+        if self.rank0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.lock = RunLock(self.run_dir)  # one writer per run folder
+            except OSError as exc:
+                raise FullslideError(f"{self.run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
         if not self.resuming and (self.run_dir / "checkpoints" / "last.json").exists():
             raise FullslideError(f"{self.run_dir}: holds a run already; continue it with --resume {self.run_dir} "
                                  "or choose another run_dir")
         if self.rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            from fullslide.atomic import atomic_write_text
-
-            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(config))
+            if self.resuming and (removed := ckpt.remove_stale(self.run_dir)):
+                log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.run_dir)
+            with _disk_errors(self.run_dir):
+                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(config))
 
     # ---- setup ---------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -159,6 +192,7 @@ class Trainer:
 
         cfg, ctx = self.config, self.ctx
         self.data = prepare_data(cfg, self.run_dir, ctx, progress=self.progress and self.rank0)
+        check_trainable(self.data, cfg.data.task)
         self.train_src = self.data.split_sources("train")
         self.val_src = self.data.split_sources("val")
         if not self.train_src:
@@ -225,9 +259,9 @@ class Trainer:
             plan = plans[loaded.step]
             self.state["accum"] = acc
             failed_list, stop = _agree(ctx, len(plan.slides), loaded.failures, self.stop.is_set())
-            if stop:  # Ctrl-C: stop before this step, on every rank, with state consistent with the steps taken
+            if stop:  # Ctrl-C / SIGTERM: stop before this step, on every rank, with state matching the steps taken
                 bar.close()
-                raise StopRequested
+                raise StopRequested(self.stop.signum)
             failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
@@ -256,6 +290,8 @@ class Trainer:
                 acc["steps"] += 1
                 acc["slides"] += len(keep)
                 acc["tiles"] += sum(len(plan.tiles[p]) for p in keep)
+            else:  # every slide of the step failed: no update, but the schedule stays on the planned step count
+                self.scheduler.step()
             self.state["next_step"] = plan.step + 1
             self.state["global_step"] += 1
             now = time.perf_counter()
@@ -292,13 +328,32 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self) -> Path:
-        self._setup()
-        logger = RunLogger(self.run_dir, enabled=self.rank0)
         try:
-            with deferred_interrupt(self.stop):  # Ctrl-C is acted on at step and epoch boundaries only
-                self._epochs(logger)
+            with _disk_errors(self.run_dir):
+                self._setup()
+                logger = RunLogger(self.run_dir, enabled=self.rank0)
+                try:
+                    if self.rank0:
+                        log.info("%s %s at epoch %d step %d (pid %d, world %d)", "resumed" if self.resuming else
+                                 "started", self.run_dir, self.state["epoch"] + 1, self.state["next_step"] + 1,
+                                 os.getpid(), self.ctx.dims.world_size)
+                    if self.rank0 and self.state["history"]:  # a resumed run: metrics.csv as of the checkpoint
+                        write_metrics_csv(self.run_dir / "metrics.csv", self.state["history"])
+                    with deferred_interrupt(self.stop):  # signals are acted on at step and epoch boundaries only
+                        self._epochs(logger)
+                except RuntimeError as exc:  # a peer gone: its collective fails, or torchrun tears our loader down
+                    lost = _lost_ranks(self.peers, self.ctx.rank) if self.ctx.distributed else None
+                    if lost is None or (lost.startswith("contact") and not _is_comm_failure(exc)):
+                        raise
+                    raise FullslideError(
+                        f"lost {lost} during epoch {self.state['epoch'] + 1} step "
+                        f"{self.state['next_step'] + 1}; the last checkpoint in {self.run_dir} is intact: rerun the "
+                        f"same torchrun command with `train --resume {self.run_dir}`") from None
+                finally:
+                    logger.close()
         finally:
-            logger.close()
+            if self.lock is not None:
+                self.lock.release()
         if self.rank0:
             best = self.state.get("best")
             log.info("done: %s; best %s %s at epoch %s", self.run_dir, getattr(self, "metric_name", "-"),
@@ -329,7 +384,7 @@ class Trainer:
                 logger.epoch_line(row)
             if self.stop.is_set() and epoch + 1 < cfg.train.epochs:
                 log.warning("interrupted: checkpoint saved to %s; continue with --resume %s", where, self.run_dir)
-                raise StopRequested
+                raise StopRequested(self.stop.signum)
             if cfg.train.patience and self.state["bad_epochs"] >= cfg.train.patience:
                 log.info("early stopping: no improvement of %s for %d epochs", self.metric_name, cfg.train.patience)
                 break
@@ -338,8 +393,10 @@ class Trainer:
         """Update best / patience from this epoch's validation; True when it is the new best."""
         self.metric_name, higher = selection(self.config, len(self.classes))
         value = row.get(f"val_{self.metric_name}")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return False
+        if value is None or (isinstance(value, float) and math.isnan(value)):  # e.g. AUC of one class
+            self.metric_name, higher, value = "loss", False, row.get("val_loss")
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                return False
         best = self.state["best"]
         loss = row.get("val_loss", math.inf)
         tie_better = value == best and loss < self.state.get("best_loss", math.inf)  # e.g. AUC saturated at 1.0
@@ -348,6 +405,72 @@ class Trainer:
             return True
         self.state["bad_epochs"] += 1
         return False
+
+
+def _peers(ctx: ParallelContext) -> list[tuple[str, int]]:
+    """(host, pid) of every rank (one all_gather_object at start-up; just this process without torchrun)."""
+    me = (socket.gethostname(), os.getpid())
+    if not ctx.distributed:
+        return [me]
+    import torch.distributed as dist
+
+    peers: list[Any] = [None] * ctx.dims.world_size
+    dist.all_gather_object(peers, me)  # COLLECTIVE (world): once per run, not in the hot loop
+    return [tuple(p) for p in peers]
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because a peer went away (gloo or NCCL)."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "peer", "broken pipe"))
+
+
+def _lost_ranks(peers: list[tuple[str, int]], me: int, wait_s: float = 2.0) -> str:
+    """Name the ranks whose process is gone ("rank 1 (pid 123 on node3)"); ranks on other nodes cannot be
+    probed from here, so an undetermined loss is named as such."""
+    host = socket.gethostname()
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = [r for r, (h, pid) in enumerate(peers) if r != me and h == host and not _alive(pid)]
+        if lost or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if lost:
+        return ", ".join(f"rank {r} (pid {peers[r][1]} on {peers[r][0]})" for r in lost)
+    remote = sorted({h for h, _ in peers if h != host})
+    return "contact with another rank" + (f" (on {', '.join(remote)}; its own log says why)" if remote else "")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by torchrun, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not os.path.isdir("/proc")  # /proc exists but has no entry: gone
+
+
+@contextlib.contextmanager
+def _disk_errors(run_dir: Path):
+    """A full or unwritable disk during a run: one line naming the file, never a traceback. Every checkpoint is
+    written to a temporary folder and renamed, so the last complete one is still there to resume from."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = exc.filename or run_dir
+        raise FullslideError(f"{where}: {exc.strerror or exc}; the last complete checkpoint in {run_dir} is kept "
+                             f"(free the disk, then --resume {run_dir})") from None
 
 
 def train(config: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
