@@ -171,26 +171,55 @@ def test_extract_then_frozen_baseline_trains_only_the_aggregator(cohort: Path, t
     assert main(["eval", str(run), "--split", "val"]) == 0
 
 
-def test_a_slide_that_fails_to_read_is_skipped_and_counted(cohort: Path, tmp_path: Path) -> None:
-    from fullslide.slides import tile_slides
-
-    tile_slides([cohort], tmp_path / "tiles", target_mpp=1.0, tile_px=32)
+def _cohort_with(cohort: Path, tmp_path: Path, first_path: Path, first_id: str) -> Path:
+    """A copy of ``cohort`` whose first row names another slide file and id."""
     rows = list(csv.DictReader(open(cohort, newline="")))
-    broken = tmp_path / "broken.tiff"
-    data = Path(rows[0]["path"]).read_bytes()
-    broken.write_bytes(data[: len(data) // 3])  # truncated after tiling
-    (tmp_path / "tiles/patches/synth_0000.h5").rename(tmp_path / "tiles/patches/broken.h5")
-    rows[0]["path"], rows[0]["slide_id"] = str(broken), "broken"
-    bad = tmp_path / "cohort.csv"
-    with open(bad, "w", newline="") as fh:
+    rows[0]["path"], rows[0]["slide_id"] = str(first_path), first_id
+    out = tmp_path / "cohort.csv"
+    with open(out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    return out
+
+
+def test_a_slide_changed_after_tiling_is_left_out_with_one_line(cohort: Path, tmp_path: Path) -> None:
+    from fullslide.slides import tile_slides
+
+    tile_slides([cohort], tmp_path / "tiles", target_mpp=1.0, tile_px=32)
+    first = Path(next(csv.DictReader(open(cohort, newline="")))["path"])
+    broken = tmp_path / "broken.tiff"
+    data = first.read_bytes()
+    broken.write_bytes(data[: len(data) // 3])  # truncated after tiling
+    (tmp_path / "tiles/patches/synth_0000.h5").rename(tmp_path / "tiles/patches/broken.h5")
+    bad = _cohort_with(cohort, tmp_path, broken, "broken")
     run = train(app_config(tmp_path, bad, data={"coords_dir": str(tmp_path / "tiles")}, train={"epochs": 1}),
+                progress=False)
+    assert "broken" in json.loads((run / "run.json").read_text())["excluded"]
+    assert "broken" in (run / "train.log").read_text()
+
+
+def test_a_slide_that_fails_to_read_during_training_is_skipped_and_counted(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fullslide.data.loader import TileReader
+    from fullslide.errors import SlideError
+
+    first = next(csv.DictReader(open(cohort, newline="")))
+    real = TileReader.tiles
+
+    def corrupt_first(self, source, indices):  # the slide opens, but its tile data do not decode
+        if source.slide_id == first["slide_id"]:
+            raise SlideError(source.path, "JPEG tile at level 0 is corrupt")
+        return real(self, source, indices)
+
+    monkeypatch.setattr(TileReader, "tiles", corrupt_first)
+    run = train(app_config(tmp_path, cohort, train={"epochs": 1, "slides_per_step": 1, "warmup_epochs": 0.0}),
                 progress=False)
     row = next(csv.DictReader(open(run / "metrics.csv")))
     assert int(row["skipped_slides"]) == 1 and float(row["train_loss"]) > 0
-    assert "broken.tiff" in (run / "train.log").read_text()
+    assert first["path"] in (run / "train.log").read_text()
+    # the step with no readable slide still advances the schedule: the last lr is the planned final one
+    assert float(row["lr_aggregator"]) == pytest.approx(1e-3 * 0.01)
 
 
 def test_non_finite_loss_stops_naming_slides_and_saves_last_good_state(cohort: Path, tmp_path: Path,

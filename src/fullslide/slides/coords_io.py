@@ -21,6 +21,8 @@ COORDS = "coords"
 #: Attributes every coords file must hold (beyond the geometry's own).
 REQUIRED_ATTRS = ("name", "level0_width", "level0_height", "backend", "fingerprint")
 FORMAT_VERSION = 1
+#: Key under which the readers report the coords dataset's stored dtype (not an HDF5 attribute).
+STORED_DTYPE = "_stored_dtype"
 
 
 def write_coords(
@@ -67,13 +69,19 @@ def read_coords_attrs(h5_path: str | Path) -> dict[str, Any]:
 
 def read_coords(h5_path: str | Path) -> tuple[np.ndarray, TileGeometry]:
     """Level-0 coords int64 [N, 2] and the geometry they were made with; SlideError on a bad file."""
+    coords, geometry, _ = read_coords_and_attrs(h5_path)
+    return coords, geometry
+
+
+def read_coords_and_attrs(h5_path: str | Path) -> tuple[np.ndarray, TileGeometry, dict[str, Any]]:
+    """:func:`read_coords` plus the file's attributes."""
     coords, attrs = _read(h5_path, load=True)
     assert coords is not None
     try:
         geometry = TileGeometry.from_attrs(attrs)
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise SlideError(h5_path, f"not a fullslide coords file: bad tiling attributes ({exc})") from exc
-    return coords, geometry
+    return coords, geometry, attrs
 
 
 def _read(h5_path: str | Path, *, load: bool) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -90,6 +98,7 @@ def _read(h5_path: str | Path, *, load: bool) -> tuple[np.ndarray | None, dict[s
             if dataset.ndim != 2 or dataset.shape[1] != 2 or dataset.dtype.kind not in "iu":
                 raise SlideError(path, f"'{COORDS}' must be integer [N, 2], got {dataset.dtype} {dataset.shape}")
             attrs = {k: _plain(v) for k, v in dataset.attrs.items()}
+            attrs[STORED_DTYPE] = str(dataset.dtype)
             coords = np.asarray(dataset[...], dtype=np.int64) if load else None
     except SlideError:
         raise
@@ -108,3 +117,33 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def coords_problem(
+    coords: np.ndarray, geometry: TileGeometry, attrs: Mapping[str, Any], slide_wh: tuple[int, int],
+    slide_bytes: int | None = None,
+) -> str | None:
+    """Why these coordinates cannot be trusted for this slide (one phrase), or None.
+
+    Checks the stored dtype (wide enough for level-0 pixels), that every tile origin lies on the slide, that
+    there are no more rows than the slide has room for, and that the slide is the one that was tiled: its
+    level-0 size and (where recorded) its file size.
+    """
+    dtype = np.dtype(attrs.get(STORED_DTYPE, "int64"))
+    if dtype.itemsize < 4:
+        return f"coords are {dtype}, too narrow for level-0 pixel positions (int32 or int64 expected)"
+    width, height = (int(v) for v in slide_wh)
+    tiled = (attrs.get("level0_width"), attrs.get("level0_height"))
+    if None not in tiled and (int(tiled[0]), int(tiled[1])) != (width, height):
+        return f"the slide is {width} x {height} px but was {tiled[0]} x {tiled[1]} px when tiled (re-tile it)"
+    if slide_bytes is not None and attrs.get("slide_bytes") not in (None, slide_bytes):
+        return f"the slide file is {slide_bytes} bytes but was {attrs['slide_bytes']} when tiled (re-tile it)"
+    if len(coords):
+        low, high = coords.min(axis=0), coords.max(axis=0)
+        if low[0] < 0 or low[1] < 0 or high[0] >= width or high[1] >= height:
+            return (f"tile origins span x {low[0]}..{high[0]}, y {low[1]}..{high[1]}, outside the slide's "
+                    f"{width} x {height} px")
+    room = (-(-width // geometry.level0_px)) * (-(-height // geometry.level0_px))
+    if len(coords) > 4 * room:  # overlapping tilings (stride < tile) stay well below 4x
+        return f"{len(coords)} tiles, more than a {width} x {height} px slide holds at {geometry.level0_px} px a tile"
+    return None

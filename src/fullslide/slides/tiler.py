@@ -171,7 +171,8 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
             h5_path, coords, geometry, slide_id=job.slide_id, level0_wh=(width, height),
             level_wh=slide.level_dimensions[geometry.level], backend=slide.backend, fingerprint=fingerprint,
             extra_attrs={"num_tiles": int(coords.shape[0]), "tissue_threshold": params.tissue_threshold,
-                         "slide_path": str(job.path), "vendor": slide.vendor, "mpp_source": slide.mpp_source},
+                         "slide_path": str(job.path), "vendor": slide.vendor, "mpp_source": slide.mpp_source,
+                         "slide_bytes": int(stat.st_size)},
         )
         return TileResult(
             slide_id=job.slide_id, path=job.path, status="ok" if coords.shape[0] else "empty",

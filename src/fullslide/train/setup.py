@@ -21,7 +21,7 @@ from fullslide.atomic import atomic_path, atomic_write_text
 from fullslide.data.cohort import CohortTable
 from fullslide.data.loader import SlideSource
 from fullslide.engine import ParallelContext
-from fullslide.errors import FullslideError
+from fullslide.errors import ConfigError, FullslideError, SlideError
 from fullslide.train.config import Config
 
 log = logging.getLogger("fullslide.train")
@@ -108,7 +108,12 @@ def ensure_tiles(
         if r.slide_id not in coords:
             continue
         try:
-            n = _n_rows(coords[r.slide_id], "coords")
+            n = _checked_coords(config, r.path, coords[r.slide_id])
+        except ConfigError:
+            raise
+        except FullslideError as exc:  # bad coords, or a slide that changed since tiling: this slide only
+            excluded[r.slide_id] = str(exc)
+            continue
         except Exception as exc:  # a corrupt coords file: this slide only
             excluded[r.slide_id] = f"{coords[r.slide_id]}: unreadable coords ({exc})"
             continue
@@ -118,6 +123,25 @@ def ensure_tiles(
         sources[r.slide_id] = SlideSource(slide_id=r.slide_id, path=str(r.path), n_tiles=n,
                                           coords_h5=str(coords[r.slide_id]), mpp=r.mpp or config.data.mpp)
     return sources, excluded
+
+
+def _checked_coords(config: Config, slide_path: Path, h5: Path) -> int:
+    """Rows of a coords file, checked once per run against its slide (SlideError naming the file if not usable)
+    and against the config (ConfigError: tiles of another size or mpp than ``data.tile_px`` / ``target_mpp``)."""
+    from fullslide.slides import open_slide
+    from fullslide.slides.coords_io import coords_problem, read_coords_and_attrs
+
+    xy, geometry, attrs = read_coords_and_attrs(h5)
+    if geometry.tile_px != config.data.tile_px or abs(geometry.target_mpp / config.data.target_mpp - 1) > 1e-3:
+        raise ConfigError(f"{h5}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} mpp, but data.tile_px is "
+                          f"{config.data.tile_px} and data.target_mpp {config.data.target_mpp:g}; make them agree or "
+                          "re-tile (`fullslide tile`)")
+    with open_slide(slide_path, backend=config.data.backend, mpp=config.data.mpp) as slide:
+        size = slide.dimensions
+    problem = coords_problem(xy, geometry, attrs, size, slide_path.stat().st_size)
+    if problem:
+        raise SlideError(h5, f"{problem}; slide {slide_path}")
+    return int(len(xy))
 
 
 def _read_summary(path: Path) -> dict[str, str]:

@@ -330,9 +330,9 @@ class Trainer:
     def run(self) -> Path:
         try:
             with _disk_errors(self.run_dir):
-                self._setup()
-                logger = RunLogger(self.run_dir, enabled=self.rank0)
+                logger = RunLogger(self.run_dir, enabled=self.rank0)  # first: setup's warnings go to train.log too
                 try:
+                    self._setup()
                     if self.rank0:
                         log.info("%s %s at epoch %d step %d (pid %d, world %d)", "resumed" if self.resuming else
                                  "started", self.run_dir, self.state["epoch"] + 1, self.state["next_step"] + 1,
@@ -345,9 +345,10 @@ class Trainer:
                     lost = _lost_ranks(self.peers, self.ctx.rank) if self.ctx.distributed else None
                     if lost is None or (lost.startswith("contact") and not _is_comm_failure(exc)):
                         raise
+                    at = getattr(self, "state", {"epoch": 0, "next_step": 0})
                     raise FullslideError(
-                        f"lost {lost} during epoch {self.state['epoch'] + 1} step "
-                        f"{self.state['next_step'] + 1}; the last checkpoint in {self.run_dir} is intact: rerun the "
+                        f"lost {lost} during epoch {at['epoch'] + 1} step "
+                        f"{at['next_step'] + 1}; the last checkpoint in {self.run_dir} is intact: rerun the "
                         f"same torchrun command with `train --resume {self.run_dir}`") from None
                 finally:
                     logger.close()
