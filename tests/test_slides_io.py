@@ -200,3 +200,31 @@ def test_importing_slides_is_cheap() -> None:
         "assert not heavy, heavy; s.open_slide; assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_thumbnail_of_a_huge_single_level_slide_is_bounded_and_reports_progress(monkeypatch) -> None:
+    """Without a pyramid, only every k-th band is decoded (k from the pixel budget) and progress is reported."""
+    import fullslide.slides.base as base
+
+    reads: list[tuple[int, int]] = []
+
+    class Flat(SlideBackend):
+        name = "fake"
+        vendor = "fake"
+        level_dimensions = ((4000, 4000),)
+        level_downsamples = (1.0,)
+        metadata_mpp = 0.25
+
+        def read_region(self, level0_xy, level, size_wh):  # type: ignore[no-untyped-def]
+            reads.append((level0_xy[1], size_wh[1]))
+            value = 100 + level0_xy[1] // 40  # rows differ, so the output shows which band it came from
+            return np.full((size_wh[1], size_wh[0], 3), min(value, 255), dtype=np.uint8)
+
+    monkeypatch.setattr(base, "_BAND_BYTES", 3 * 4000 * 400)  # bands of 400 rows: 10 bands
+    monkeypatch.setattr(base, "_THUMBNAIL_READ_PX", 4000 * 4000 // 4)  # budget: a quarter of the pixels
+    seen: list[float] = []
+    thumb = Slide("flat.tiff", Flat()).thumbnail(400, progress=seen.append)
+    assert thumb.shape == (400, 400, 3)
+    assert len(reads) == 3 and [y for y, _ in reads] == [0, 1600, 3200]  # 1 band in 4
+    assert seen == sorted(seen) and seen[-1] <= 1.0 and len(seen) == 3
+    assert (thumb[:160] == thumb[0]).all()  # bands 1-3 repeat band 0

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -29,6 +29,8 @@ MPP_RANGE = (0.01, 100.0)
 BACKGROUND = 255
 #: Bytes of RGB read at once when building a thumbnail from a large level.
 _BAND_BYTES = 64 * 2**20
+#: Most pixels decoded for a thumbnail (2 Gpx, about 10 s of JPEG decoding on one core).
+_THUMBNAIL_READ_PX = 2 * 2**30
 
 
 class SlideBackend(abc.ABC):
@@ -210,27 +212,42 @@ class Slide:
             out[i] = resize_rgb(region, (tile_px, tile_px)) if read_px != tile_px else region
         return out
 
-    def thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide, uint8 [h, w, 3], longest side ``max_size`` (never upscaled)."""
+    def thumbnail(self, max_size: int, progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """The whole slide, uint8 [h, w, 3], longest side ``max_size`` (never upscaled).
+
+        ``progress`` is called with the fraction read so far after each band (long reads on slides without a
+        pyramid). Where the best level holds more than ``_THUMBNAIL_READ_PX`` pixels (a single-level TIFF of
+        65,536 x 65,536 px), only every k-th band is decoded and the rows between repeat the nearest band read,
+        so the time is bounded; a pyramid's coarser level is always preferred and read whole.
+        """
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         width, height = self.dimensions
         downsample = max(1.0, max(width, height) / max_size)
         out_wh = (max(1, round(width / downsample)), max(1, round(height / downsample)))
-        return self._read_downsampled(downsample, out_wh)
+        return self._read_downsampled(downsample, out_wh, progress)
 
-    def _read_downsampled(self, downsample: float, out_wh: tuple[int, int]) -> np.ndarray:
-        """The whole slide at ``out_wh``, read in bands from the best level (bounded memory)."""
+    def _read_downsampled(
+        self, downsample: float, out_wh: tuple[int, int], progress: Callable[[float], None] | None = None
+    ) -> np.ndarray:
+        """The whole slide at ``out_wh``, read in bands from the best level (bounded memory and time)."""
         # coarsest level still at least as fine as the wanted downsample (level 0 otherwise)
         level = max([0] + [i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-6)])
         level_w, level_h = self.level_dimensions[level]
         factor = max(1, int(downsample / self.level_downsamples[level]))
         band_rows = max(factor, (_BAND_BYTES // (3 * level_w)) // factor * factor)
-        parts = []
-        for ly in range(0, level_h, band_rows):
+        starts = list(range(0, level_h, band_rows))
+        every = max(1, math.ceil(level_w * level_h / _THUMBNAIL_READ_PX))  # decode 1 band in `every`
+        parts: list[np.ndarray] = []
+        band = None
+        for i, ly in enumerate(starts):
             rows = min(band_rows, level_h - ly)
-            band = self.read_region(level_to_level0((0, ly), self.level_downsamples[level]), level, (level_w, rows))
-            parts.append(box_reduce(band, factor))
+            if i % every == 0 or band is None:
+                read = self.read_region(level_to_level0((0, ly), self.level_downsamples[level]), level, (level_w, rows))
+                band = box_reduce(read, factor)
+                if progress is not None:
+                    progress(min(1.0, (i + 1) / len(starts)))
+            parts.append(band[: -(-rows // factor)])  # a skipped band repeats the last one read
         reduced = np.concatenate(parts, axis=0)
         if reduced.shape[1::-1] == tuple(out_wh):
             return reduced

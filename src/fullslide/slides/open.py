@@ -53,8 +53,12 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
     path = Path(path)
     if backend != "auto" and backend not in BACKENDS:
         raise SlideError(path, f"unknown backend {backend!r} (choose from {', '.join(BACKEND_CHOICES)})")
-    if not path.exists():
-        raise SlideError(path, "file not found")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise SlideError(path, "file not found" if not path.is_symlink() else "broken symbolic link") from None
+    except OSError as exc:  # a symlink loop (ELOOP), a permission problem on a folder above, ...
+        raise SlideError(path, f"cannot open ({exc.strerror or exc})") from None
     if path.is_dir():
         raise SlideError(path, "is a folder, not a slide file")
     try:

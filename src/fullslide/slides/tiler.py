@@ -129,6 +129,8 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         stat = job.path.stat()
     except FileNotFoundError:
         raise SlideError(job.path, "file not found") from None
+    except OSError as exc:  # a symlink loop, a permission problem on a folder above
+        raise SlideError(job.path, f"cannot open ({exc.strerror or exc})") from None
     fingerprint = params.fingerprint(job, (stat.st_size, stat.st_mtime_ns))
     if not overwrite and h5_path.is_file() and png_path.is_file():
         try:
@@ -149,7 +151,8 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
         mask_ds = max(1.0, MASK_MPP / slide_mpp, max(width, height) / _MASK_MAX_PX)
         mask_px = math.ceil(max(width, height) / mask_ds)
         # one read serves both the mask and the preview (a second full decode costs as much as the first)
-        image = slide.thumbnail(max(mask_px, min(params.thumbnail_px, max(width, height))))
+        image = slide.thumbnail(max(mask_px, min(params.thumbnail_px, max(width, height))),
+                                progress=_ReadProgress(job.path))
         thumb = image if max(image.shape[:2]) == mask_px else _shrink(image, mask_px)
         scale = (width / thumb.shape[1], height / thumb.shape[0])
         mask = tissue_mask(thumb, slide_mpp * (scale[0] + scale[1]) / 2, params.tissue)
@@ -180,6 +183,21 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
             message="; ".join(f"{job.path}: {w}" for w in warnings), h5_path=h5_path, thumbnail_path=png_path,
             backend=slide.backend,
         )
+
+
+class _ReadProgress:
+    """Reports a long whole-slide read (a slide without a pyramid) on stderr every ``every_s`` seconds."""
+
+    def __init__(self, path: Path, every_s: float = 10.0) -> None:
+        self.path, self.every_s = path, every_s
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            print(f"{self.path}: reading for tissue detection, {100 * fraction:.0f}% after {now - self.start:.0f} s "
+                  "(no pyramid level to read from)", file=sys.stderr, flush=True)
 
 
 def _shrink(rgb: np.ndarray, max_px: int) -> np.ndarray:
