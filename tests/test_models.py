@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fullslide.errors import ModelError
-from fullslide.models import AGGREGATORS, create_aggregator, create_encoder, load_state_dict_file
+from fullslide.models import AGGREGATORS, create_aggregator, create_encoder, read_tensors as load_state_dict_file
 
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))

@@ -27,6 +27,18 @@ def _str_list(choices: tuple[str, ...]):
     return parse
 
 
+def _yaml_mapping(text: str) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{depth: 2}}', got {text!r}")
+    return value
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Attach ``check-grad``."""
     p = sub.add_parser(
@@ -49,6 +61,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="tile-stage chunk of attention pooling (smaller than K, so the streamed softmax crosses chunks)")
     p.add_argument("--micro-batches", type=int, default=2, help="engine calls accumulated into each optimizer step")
     p.add_argument("--no-probes", action="store_true", help="check the bare model, without the probe parameters")
+    p.add_argument("--encoder-kwargs", type=_yaml_mapping, default={},
+                   help="encoder arguments as YAML, e.g. '{depth: 2, img_size: 32}' for a recipe at reduced size")
+    p.add_argument("--trainable-blocks", type=int, default=None, help="train only the last N transformer blocks")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA adapters (qkv, fc1) of this rank, dropout 0.1")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing inside the blocks")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--nproc", type=_int_list, default=[1, 2, 4], help="process counts to check, e.g. 1,2,4")
     p.add_argument("--mode", type=_str_list(("full", "checkpoint", "recompute")),
@@ -86,7 +103,8 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
         dtype=args.dtype, drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate,
         steps=args.steps if args.steps is not None else (3 if args.dtype == "float32" else 1),
         micro_batches=args.micro_batches, probes=not args.no_probes, seed=args.seed, device=device,
-        modes=args.mode, tile_parallel=args.tile_parallel,
+        modes=args.mode, tile_parallel=args.tile_parallel, encoder_kwargs=args.encoder_kwargs,
+        trainable_blocks=args.trainable_blocks, lora_rank=args.lora_rank, grad_checkpointing=args.grad_checkpointing,
     )
     rows, ref = run_checks(spec, args.nproc, tol, progress=lambda m: print(m, file=sys.stderr))
     ks = ",".join(str(spec.k_of(i)) for i in range(spec.slides))

@@ -3,7 +3,9 @@
 ``TileEncoder`` takes uint8 tiles (0-255) or float tiles (0-1), ``[B, 3, H, W]``, normalises them with the
 backbone's mean/std and returns ``[B, D]`` features. Backbones come from timm by name, from a user factory
 (``package.module:callable``) or from the small built-in CNN used by tests and the CPU demo.
-Weights load from local files only, never by unpickling arbitrary objects.
+Weights load from local files only, never by unpickling arbitrary objects (:mod:`fullslide.models.weights`).
+Foundation models (:mod:`fullslide.models.recipes`) run inside a :class:`RecipeBackbone`: the card's input size
+and embedding.
 """
 
 from __future__ import annotations
@@ -103,67 +105,23 @@ class TinyCNN(nn.Module):
         return self.drop(h)
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """Find the tensor mapping in a loaded checkpoint (plain, or under 'state_dict'/'model'/...)."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict", "teacher", "student", "module"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return _unwrap_state_dict(obj[key], path)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise ModelError(f"{path}: no tensors found (expected a state dict of parameter tensors)")
+class RecipeBackbone(nn.Module):
+    """A timm ViT as a foundation-model card uses it: normalised tiles -> resize to the card's input -> tokens ->
+    the card's embedding ``[N, D]`` (class token, or class token + patch-token mean without registers)."""
 
+    def __init__(self, model: nn.Module, pooling: str, input_px: int) -> None:
+        super().__init__()
+        from fullslide.models.recipes import POOLINGS
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load tensors from ``.safetensors`` or a torch file (``.pth/.pt/.bin``) without unpickling objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        self.model = model
+        self.pooling = pooling
+        self.input_px = int(input_px)
+        self._pool = POOLINGS[pooling]
+        self.num_features = int(model.num_features) * (2 if pooling == "class_token+patch_mean" else 1)
 
-            return load_file(str(path), device="cpu")
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except ModelError:
-        raise
-    except Exception as exc:  # unsafe pickles and corrupt files both land here
-        raise ModelError(f"{path}: cannot load weights safely ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
-    return _unwrap_state_dict(obj, path)
-
-
-_PREFIXES = ("module.", "backbone.", "encoder.", "model.", "trunk.")
-
-
-def load_weights(module: nn.Module, path: str | Path, strict: bool = False) -> None:
-    """Load ``path`` into ``module``, stripping common wrapper prefixes; fail loudly if nothing matches.
-
-    Classification heads absent from the module (``head.*``, ``fc.*``) are ignored; any other missing or
-    unexpected key is logged, or raised when ``strict``.
-    """
-    state = load_state_dict_file(path)
-    own = module.state_dict()
-    cleaned: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        k = key
-        while k not in own and k.startswith(_PREFIXES):
-            k = k.split(".", 1)[1]
-        cleaned[k] = value
-    matched = [k for k in cleaned if k in own]
-    if not matched:
-        raise ModelError(f"{path}: none of its {len(state)} tensors match the encoder's parameter names")
-    for k in matched:
-        if tuple(cleaned[k].shape) != tuple(own[k].shape):
-            raise ModelError(
-                f"{path}: tensor '{k}' has shape {tuple(cleaned[k].shape)}, encoder expects {tuple(own[k].shape)}"
-            )
-    missing = [k for k in own if k not in cleaned]
-    unexpected = [k for k in cleaned if k not in own and not k.startswith(("head", "fc.", "classifier"))]
-    if strict and (missing or unexpected):
-        raise ModelError(f"{path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    if missing:
-        log.warning("%s: %d encoder tensors not in the file (kept at init), e.g. %s", path, len(missing), missing[:3])
-    if unexpected:
-        log.warning("%s: %d tensors ignored, e.g. %s", path, len(unexpected), unexpected[:3])
-    module.load_state_dict({k: cleaned[k] for k in matched}, strict=False)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.input_px, self.input_px):  # on the compute device, antialiased
+            x = torch.nn.functional.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        tokens = self.model.forward_features(x)  # [N, T, D], after the final norm
+        return self._pool(tokens, int(getattr(self.model, "num_prefix_tokens", 1)))  # [N, D']

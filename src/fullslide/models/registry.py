@@ -17,7 +17,9 @@ from torch import nn
 
 from fullslide.errors import ModelError
 from fullslide.models import aggregators as agg
-from fullslide.models.encoders import IMAGENET_MEAN, IMAGENET_STD, TileEncoder, TinyCNN, load_weights
+from fullslide.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RecipeBackbone, TileEncoder, TinyCNN
+from fullslide.models.recipes import Recipe, get_recipe
+from fullslide.models.weights import load_encoder_weights
 
 if TYPE_CHECKING:
     from fullslide.models.slide_model import SlideModel
@@ -86,10 +88,20 @@ def create_encoder(
     drop_path_rate: float = 0.0,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    strict: bool = True,
     **kwargs: Any,
 ) -> TileEncoder:
-    """Build a :class:`TileEncoder` by name; ``weights`` is a local ``.safetensors/.pth/.bin`` file."""
+    """Build a :class:`TileEncoder` by name; ``weights`` is a local ``.safetensors/.pth/.bin`` file.
+
+    ``name`` is a foundation-model recipe (``uni``, ``virchow2``, ... : :data:`fullslide.models.recipes.RECIPES`),
+    ``tinycnn``, a timm name, ``hf-hub:org/name`` or a ``package.module:callable`` factory. ``kwargs`` override the
+    recipe's or timm's arguments (e.g. ``depth`` for small tests). Weights load strictly unless ``strict=False``.
+    """
     norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+    recipe = get_recipe(name)
+    if recipe is not None:
+        return _create_recipe(recipe, weights=weights, drop_path_rate=drop_path_rate, strict=strict,
+                              mean=mean, std=std, **kwargs)
     if ":" in name and not name.startswith("hf-hub:"):
         factory = resolve_factory(name)
         backbone = _call_with_supported(
@@ -99,7 +111,7 @@ def create_encoder(
             raise ModelError(f"factory '{name}' returned {type(backbone).__name__}, expected a torch.nn.Module")
         if isinstance(backbone, TileEncoder):
             if weights is not None:
-                load_weights(backbone.backbone, weights)
+                load_encoder_weights(backbone.backbone, weights, strict=strict)
             return backbone
         dim = getattr(backbone, "feature_dim", None) or getattr(backbone, "num_features", None)
         dim = int(dim) if dim else _probe_feature_dim(backbone, tile_px)
@@ -107,25 +119,75 @@ def create_encoder(
         backbone = _call_with_supported(BUILTIN_ENCODERS[name], {"drop_rate": drop_rate, **kwargs})
         dim = backbone.num_features
     else:
-        backbone = _create_timm(name, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+        backbone = _create_timm(name, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                                local_weights=weights, **kwargs)
         dim = int(backbone.num_features)
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
         norm_mean = tuple(cfg.get("mean", norm_mean))
         norm_std = tuple(cfg.get("std", norm_std))
     if weights is not None:
-        load_weights(backbone, weights)
+        load_encoder_weights(backbone, weights, strict=strict)
     return TileEncoder(backbone, dim, mean or norm_mean, std or norm_std, name=name)
 
 
-def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: float, **kwargs: Any) -> nn.Module:
+def _create_recipe(recipe: Recipe, *, weights: str | Path | None, drop_path_rate: float, strict: bool,
+                   mean: tuple[float, float, float] | None, std: tuple[float, float, float] | None,
+                   **overrides: Any) -> TileEncoder:
+    """A foundation model as its card builds it (``overrides``: e.g. ``depth`` for tests), weights from a file."""
+    from fullslide.models._timm_compat import import_timm
+
+    timm = import_timm()
+    try:
+        model = timm.create_model(recipe.arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                  **recipe.timm_kwargs(overrides))
+    except Exception as exc:
+        raise ModelError(f"encoder '{recipe.name}': timm could not build {recipe.arch} "
+                         f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    if weights is not None:
+        load_encoder_weights(model, weights, layout=recipe.layout, strict=strict)
+    backbone = RecipeBackbone(model, recipe.pooling, recipe.input_size(overrides))
+    return TileEncoder(backbone, backbone.num_features, mean or recipe.mean, std or recipe.std, name=recipe.name)
+
+
+def recipe_parameter_count(recipe: Recipe) -> int:
+    """Parameters of a recipe's network, counted on the meta device (nothing allocated, nothing downloaded)."""
+    from fullslide.models._timm_compat import import_timm
+
+    timm = import_timm()
+    with torch.device("meta"):
+        model = timm.create_model(recipe.arch, pretrained=False, num_classes=0, **recipe.timm_kwargs())
+    return sum(p.numel() for p in model.parameters())
+
+
+def _hub_config(name: str, weights: str | Path) -> tuple[str, dict[str, Any]]:
+    """(architecture, model_args) of an ``hf-hub:`` model from the ``config.json`` beside a local weights file."""
+    import json
+
+    config = Path(weights).parent / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        return str(data["architecture"]), dict(data.get("model_args") or {})
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"encoder '{name}' with the local file {weights}: fullslide makes no network call, so it "
+                         f"needs the card's config.json beside the file ({config}: {exc}); or name a recipe "
+                         "(`fullslide encoders`) or a timm architecture") from None
+
+
+def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: float,
+                 local_weights: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """A timm backbone without classifier (``num_classes=0`` gives pooled features)."""
     from fullslide.models._timm_compat import import_timm
 
     timm = import_timm()
     hub = name.startswith("hf-hub:")
+    if hub and local_weights is not None:  # build from the card's config beside the file: no network
+        name, model_args = _hub_config(name, local_weights)
+        kwargs = {**model_args, **kwargs}
+        hub = False
     if not hub and not timm.is_model(name):
-        raise ModelError(f"unknown encoder '{name}': not built in ({', '.join(BUILTIN_ENCODERS)}), not a timm model, "
-                         "not an hf-hub: name and not a package.module:callable factory")
+        raise ModelError(f"unknown encoder '{name}': not a recipe (`fullslide encoders`), not built in "
+                         f"({', '.join(BUILTIN_ENCODERS)}), not a timm model, not an hf-hub: name and not a "
+                         "package.module:callable factory")
     base = dict(pretrained=hub, num_classes=0, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
     try:
         try:  # ViT-style models take img_size so that tiles other than 224 px work; CNNs do not accept it
@@ -163,6 +225,7 @@ def create_model(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     freeze_bn: bool = True,
+    strict: bool = True,
     encoder_kwargs: dict[str, Any] | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
 ) -> "SlideModel":
@@ -170,7 +233,7 @@ def create_model(
     from fullslide.models.slide_model import SlideModel
 
     enc = create_encoder(
-        encoder, weights=weights, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        encoder, weights=weights, tile_px=tile_px, drop_rate=drop_rate, drop_path_rate=drop_path_rate, strict=strict,
         **(encoder_kwargs or {}),
     )
     head = create_aggregator(aggregator, enc.feature_dim, n_classes, **(aggregator_kwargs or {}))

@@ -68,6 +68,11 @@ class CheckSpec:
     device: str = "cpu"
     modes: list[str] = field(default_factory=lambda: ["full", "checkpoint", "recompute"])
     tile_parallel: list[int] | None = None  # None: every divisor of the process count
+    encoder_kwargs: dict = field(default_factory=dict)  # e.g. a recipe at reduced depth: {"depth": 2}
+    trainable_blocks: int | None = None  # fine-tuning controls of fullslide.models.finetune
+    lora_rank: int = 0
+    lora_dropout: float = 0.1
+    grad_checkpointing: bool = False
 
     def k_of(self, slide: int) -> int:
         return self.tiles[slide % len(self.tiles)]
@@ -82,11 +87,23 @@ def build_model(spec: CheckSpec, device: torch.device) -> torch.nn.Module:
     from fullslide.models import create_model
     from fullslide.proof.probes import add_probes
 
+    from fullslide.models import finetune
+
     torch.manual_seed(spec.seed)
     model = create_model(
         spec.encoder, spec.aggregator, spec.n_classes, weights=spec.weights, tile_px=spec.tile_px,
-        drop_rate=spec.drop_rate, drop_path_rate=spec.drop_path_rate,
+        drop_rate=spec.drop_rate, drop_path_rate=spec.drop_path_rate, encoder_kwargs=spec.encoder_kwargs,
     )
+    if spec.lora_rank:
+        finetune.add_lora(model.encoder, spec.lora_rank, 16.0, spec.lora_dropout, ["qkv", "fc1"])
+        for block in finetune.transformer_blocks(model.encoder):  # B starts at 0: make the adapters matter
+            for module in block.modules():
+                if isinstance(module, finetune.LoRALinear):
+                    torch.nn.init.normal_(module.lora_b, std=0.02)
+    if spec.trainable_blocks is not None:
+        finetune.train_last_blocks(model.encoder, spec.trainable_blocks)
+    if spec.grad_checkpointing:
+        finetune.set_block_checkpointing(model.encoder, True)
     if spec.probes:
         add_probes(model, spec.drop_path_rate)
     return model.to(device).train()

@@ -51,8 +51,10 @@ class DataConfig:
 class EncoderConfig:
     """The tile encoder."""
 
-    name: str = _f("resnet18", "tinycnn, any timm name, hf-hub:org/name or package.module:callable")
+    name: str = _f("resnet18", "a foundation-model recipe (`fullslide encoders`: uni, virchow2, ...), tinycnn, "
+                   "any timm name, hf-hub:org/name or package.module:callable")
     weights: str | None = _f(None, "local weights file (.safetensors, .pth, .bin); never downloaded")
+    strict: bool = _f(True, "refuse a weights file with missing or unexpected tensors (false: load what matches, warn)")
     freeze: bool = _f(False, "frozen baseline: train only the aggregator on data.features_dir features")
     frozen_epochs: int = _f(0, "first epochs with the encoder frozen (aggregator warm-up), then end-to-end")
     lr: float = _f(1e-5, "peak learning rate of the encoder")
@@ -60,6 +62,13 @@ class EncoderConfig:
     drop_path_rate: float = _f(0.0, "stochastic depth in the encoder (ViTs)")
     freeze_bn: bool = _f(True, "keep BatchNorm in eval mode (needed for exact chunked gradients)")
     kwargs: dict[str, Any] = _f(None, "extra keyword arguments for the encoder factory", factory=dict)
+    trainable_blocks: int | None = _f(None, "train only the last N transformer blocks (and the final norm); null: all")
+    layer_decay: float = _f(1.0, "layer-wise lr decay: block i of L gets lr * decay^(L + 1 - i) (1: off)")
+    lora_rank: int = _f(0, "LoRA adapters of this rank on the blocks' lora_targets, the rest frozen (0: off)")
+    lora_alpha: float = _f(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input (replayed exactly in recompute)")
+    lora_targets: list[str] = _f(None, "Linear layers of each block that get LoRA", factory=lambda: ["qkv"])
+    grad_checkpointing: bool = _f(False, "activation checkpointing inside the blocks (giant encoders, larger chunks)")
 
 
 @dataclass(kw_only=True)
@@ -145,6 +154,11 @@ class Config:
             (self.train.tile_parallel >= 1, "train.tile_parallel", "must be >= 1"),
             (self.train.loader_workers >= 0, "train.loader_workers", "must be >= 0"),
             (self.encoder.frozen_epochs >= 0, "encoder.frozen_epochs", "must be >= 0"),
+            (0 < self.encoder.layer_decay <= 1, "encoder.layer_decay", "must be in (0, 1]"),
+            (self.encoder.lora_rank >= 0, "encoder.lora_rank", "must be >= 0"),
+            (0 <= self.encoder.lora_dropout < 1, "encoder.lora_dropout", "must be in [0, 1)"),
+            (self.encoder.trainable_blocks is None or self.encoder.trainable_blocks >= 0, "encoder.trainable_blocks",
+             "must be >= 0 or null"),
             (self.eval.chunk_tiles >= 1, "eval.chunk_tiles", "must be >= 1"),
             (self.eval.validate_every >= 1, "eval.validate_every", "must be >= 1"),
         ]

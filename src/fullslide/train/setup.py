@@ -240,12 +240,29 @@ def build_model(config: Config, n_outputs: int) -> torch.nn.Module:
     from fullslide.models import create_model
 
     torch.manual_seed(config.train.seed)
-    return create_model(
+    model = create_model(
         config.encoder.name, config.aggregator.name, n_outputs, weights=config.encoder.weights,
         tile_px=config.data.tile_px, drop_rate=config.encoder.drop_rate, drop_path_rate=config.encoder.drop_path_rate,
-        freeze_bn=config.encoder.freeze_bn, encoder_kwargs=config.encoder.kwargs,
+        freeze_bn=config.encoder.freeze_bn, strict=config.encoder.strict, encoder_kwargs=config.encoder.kwargs,
         aggregator_kwargs=config.aggregator.kwargs,
     )
+    apply_finetuning(config, model.encoder)
+    return model
+
+
+def apply_finetuning(config: Config, encoder: torch.nn.Module) -> None:
+    """The encoder section's fine-tuning controls (LoRA, last-N blocks, block checkpointing), in place."""
+    from fullslide.models import finetune
+
+    enc = config.encoder
+    if enc.lora_rank:
+        finetune.add_lora(encoder, enc.lora_rank, enc.lora_alpha, enc.lora_dropout, enc.lora_targets)
+    if enc.trainable_blocks is not None:
+        if enc.lora_rank:
+            raise ConfigError("encoder.trainable_blocks and encoder.lora_rank: choose one")
+        finetune.train_last_blocks(encoder, enc.trainable_blocks)
+    if enc.grad_checkpointing:
+        finetune.set_block_checkpointing(encoder, True)
 
 
 def amp_dtype(config: Config, device: torch.device) -> torch.dtype | None:

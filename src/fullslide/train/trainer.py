@@ -41,14 +41,22 @@ log = logging.getLogger("fullslide.train")
 
 
 def make_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with encoder and aggregator groups (their own lr); no decay on biases and norm weights."""
+    """AdamW with encoder and aggregator groups (their own lr, the encoder's decayed per layer when
+    ``encoder.layer_decay`` < 1); no weight decay on biases and norm weights; frozen parameters left out."""
+    from fullslide.models.finetune import layer_decay_groups
+
+    wd = config.train.weight_decay
     groups = []
-    for part, lr in ((model.encoder, config.encoder.lr), (model.aggregator, config.aggregator.lr)):
-        params = list(part.parameters())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups += [{"params": decay, "lr": lr, "weight_decay": config.train.weight_decay},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    if config.encoder.layer_decay < 1:
+        groups += [dict(g, part="encoder") for g in
+                   layer_decay_groups(model.encoder, config.encoder.lr, wd, config.encoder.layer_decay)]
+    parts = [(model.aggregator, config.aggregator.lr, "aggregator")]
+    if config.encoder.layer_decay >= 1:
+        parts.insert(0, (model.encoder, config.encoder.lr, "encoder"))
+    for module, lr, part in parts:
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": wd, "part": part},
+                   {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0, "part": part}]
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
 
@@ -203,6 +211,8 @@ class Trainer:
         self.model = build_model(cfg, self.n_out).to(ctx.device)
         if cfg.encoder.freeze:
             self.model.encoder.requires_grad_(False)
+        # what the encoder trains when it trains (LoRA / last-N blocks freeze the rest); frozen epochs toggle it
+        self.encoder_trainable = [p for p in self.model.encoder.parameters() if p.requires_grad]
         self.amp = amp_dtype(cfg, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type) if self.amp == torch.float16 else None
         self.targets = TargetTable(self.data.cohort)
@@ -241,7 +251,9 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         cfg, ctx = self.config, self.ctx
         encoder_trains = not cfg.encoder.freeze and epoch >= cfg.encoder.frozen_epochs
-        self.model.encoder.requires_grad_(encoder_trains)
+        self.model.encoder.requires_grad_(False)
+        for p in self.encoder_trainable if encoder_trains else ():
+            p.requires_grad_(True)
         self.model.train()
         plans = self.sampler.epoch(epoch)
         start = self.state["next_step"]
@@ -304,7 +316,8 @@ class Trainer:
         return {
             "epoch": epoch + 1,
             "train_loss": acc["loss_sum"] / max(1, acc["steps"]),
-            "lr_encoder": self.optimizer.param_groups[0]["lr"] if encoder_trains else 0.0,
+            "lr_encoder": max((g["lr"] for g in self.optimizer.param_groups if g["part"] == "encoder"), default=0.0)
+            if encoder_trains else 0.0,
             "lr_aggregator": self.optimizer.param_groups[-1]["lr"],
             "slides_per_s": acc["slides"] / max(1e-9, acc["seconds"]),
             "tiles_per_s": acc["tiles"] / max(1e-9, acc["seconds"]),

@@ -1,0 +1,178 @@
+"""Loading encoder weights from a local file: safe formats, wrappers and prefixes, key layouts, strictness.
+
+Files: ``.safetensors``, or torch files (``.bin/.pth/.pt``) loaded with ``weights_only=True`` (an unsafe pickle is
+refused). Wrappers (``state_dict``, ``model``, ``teacher``, ...) and key prefixes (``module.``, ``backbone.``,
+``teacher.backbone.``, ``visual.trunk.``, ...) are recognised. Hugging Face transformers layouts (ViT, DINOv2) are
+converted to timm's, without needing ``transformers``. Loading is strict by default: a missing or unexpected
+tensor is an error naming the file, up to 10 keys and, where one would fix it, the prefix or architecture
+argument to use; ``strict=False`` loads what matches and warns with what was skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from fullslide.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Prefixes stripped from checkpoint keys (longest first); DINO/iBOT teachers win over students.
+PREFIXES = ("teacher.backbone.", "student.backbone.", "visual.trunk.", "base_model.model.", "module.", "model.",
+            "backbone.", "encoder.", "trunk.", "teacher.", "student.", "vit.", "dinov2.", "visual.")
+#: Checkpoint tensors a feature encoder does not need (classifier heads, poolers, DINO heads, mask tokens).
+IGNORED = re.compile(r"^(head\.|fc\.|classifier\.|pooler\.|mask_token|embeddings\.mask_token|dino_head\.|ibot_head\.)")
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "teacher", "student", "module", "network")
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or torch file, unwrapped, without unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found (fullslide never downloads weights: fetch the file "
+                         "from the model card, e.g. with `huggingface-cli download`, and give its path)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unsafe pickles and corrupt files both land here
+        raise ModelError(f"{path}: cannot load weights safely ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in _WRAPPERS:
+            if key in obj and isinstance(obj[key], Mapping):
+                return _unwrap(obj[key], path)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise ModelError(f"{path}: no tensors found (expected a state dict of parameter tensors)")
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Keys with wrapper prefixes removed until they match ``own`` (a teacher's copy preferred to a student's)."""
+    if any(k.startswith("teacher.") for k in state):
+        state = {k: v for k, v in state.items() if not k.startswith("student.")}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        k = key
+        while k not in own:
+            prefix = next((p for p in PREFIXES if k.startswith(p)), None)
+            if prefix is None:
+                break
+            k = k[len(prefix):]
+        out[k] = value
+    return out
+
+
+#: Per-layer renames, transformers (v4 names as the model cards ship them, and v5 names) -> timm.
+_HF_LAYER = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2", "norm1": "norm1", "norm2": "norm2",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    "layer_scale1": "ls1", "layer_scale2": "ls2",
+}
+_HF_QKV = (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+           ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+_HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+
+
+def hf_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``ViTModel`` (Phikon) or ``Dinov2Model`` (Phikon-v2) keys -> timm ``VisionTransformer`` keys:
+    layer-wise renames, q/k/v fused into ``qkv`` (timm stacks them along the output dim), LayerScale ``lambda1``
+    -> ``gamma``. Both the v4 names the model cards ship and transformers v5 names are understood."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = re.sub(r"^(vit|dinov2|model)\.", "", key)
+        m = re.match(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
+        if m is None:
+            out[_HF_TOP.get(key, key)] = value
+            continue
+        i, module, kind = m.groups()
+        qkv = next(((names, names.index(module)) for names in _HF_QKV if module in names), None)
+        if qkv is not None:
+            out[f"blocks.{i}.qkv_part{qkv[1]}.{kind}"] = value
+        elif module in _HF_LAYER:
+            out[f"blocks.{i}.{_HF_LAYER[module]}.{'gamma' if kind == 'lambda1' else kind}"] = value
+        else:
+            out[key] = value  # left as is: reported as unexpected by the strict check
+    for key in [k for k in out if ".qkv_part0." in k]:
+        parts = [out.pop(key.replace("qkv_part0", f"qkv_part{j}"), None) for j in range(3)]
+        if all(p is not None for p in parts):
+            out[key.replace("qkv_part0", "attn.qkv")] = torch.cat(parts)
+    return out
+
+
+def conch_visual_trunk(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CONCH's full checkpoint (vision, text, poolers) -> its vision trunk (``visual.trunk.*``) in timm layout."""
+    prefix = "visual.trunk."
+    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return trunk or dict(state)
+
+
+CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "timm": dict,
+    "conch": conch_visual_trunk,
+    "hf_vit": hf_to_timm,
+    "hf_dinov2": hf_to_timm,
+}
+
+
+def _hints(missing: list[str], unexpected: list[str]) -> str:
+    """What would fix a mismatch, where the keys say so."""
+    hints = []
+    if any(".ls1." in k or ".ls2." in k for k in unexpected):
+        hints.append("the file has LayerScale tensors (ls1/ls2): build with init_values (e.g. encoder.kwargs: "
+                     "{init_values: 1.0e-5})")
+    if any(".ls1." in k or ".ls2." in k for k in missing):
+        hints.append("the model has LayerScale but the file has none: drop init_values")
+    if "reg_token" in unexpected:
+        hints.append("the file has register tokens: set reg_tokens")
+    if unexpected and missing:
+        heads = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
+        if len(heads) == 1 and len(unexpected) > 3:
+            hints.append(f"every unexpected key starts with '{heads.pop()}': a wrapper prefix fullslide does not know")
+    if any(k.startswith("encoder.layer.") for k in unexpected):
+        hints.append("the file is in the transformers layout: use a recipe that converts it (phikon, phikon-v2)")
+    return ("; hint: " + "; ".join(hints)) if hints else ""
+
+
+def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "timm", strict: bool = True) -> None:
+    """Load ``path`` into ``module`` (converted from ``layout``); see the module docstring for strictness."""
+    if layout not in CONVERTERS:
+        raise ModelError(f"unknown weight layout '{layout}' (known: {', '.join(CONVERTERS)})")
+    own = module.state_dict()
+    state = strip_prefixes(CONVERTERS[layout](read_tensors(path)), own)
+    state = {k: v for k, v in state.items() if k in own or not IGNORED.match(k)}
+    matched = [k for k in state if k in own]
+    if not matched:
+        raise ModelError(f"{path}: none of its {len(state)} tensors match the encoder's parameter names "
+                         f"(file: {', '.join(list(state)[:3])}, ...; encoder: {', '.join(list(own)[:3])}, ...)"
+                         + _hints(list(own), list(state)))
+    for k in matched:
+        if tuple(state[k].shape) != tuple(own[k].shape):
+            raise ModelError(f"{path}: tensor '{k}' has shape {tuple(state[k].shape)}, the encoder expects "
+                             f"{tuple(own[k].shape)} (another model size or input size? check the recipe kwargs)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = (f"{len(missing)} encoder tensors missing from the file ({', '.join(missing[:10])})" if missing else "")
+        what += ("; " if missing and unexpected else "") + (
+            f"{len(unexpected)} file tensors the encoder does not have ({', '.join(unexpected[:10])})"
+            if unexpected else "")
+        if strict:
+            raise ModelError(f"{path}: {what}{_hints(missing, unexpected)} (encoder.strict: false loads the rest)")
+        log.warning("%s: loaded %d tensors, skipped: %s", path, len(matched), what)
+    module.load_state_dict({k: state[k] for k in matched}, strict=False)
