@@ -1,4 +1,5 @@
-"""Subcommand ``check-grad``: rerun the engine's equivalence proof on your own hardware."""
+"""Subcommands ``encoders`` (the foundation-model recipes) and ``check-grad`` (rerun the engine's equivalence
+proof on your own hardware)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def _yaml_mapping(text: str) -> dict:
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Attach ``check-grad``."""
+    """Attach ``encoders`` and ``check-grad``."""
+    p = sub.add_parser("encoders", help="list the foundation-model recipes (width, input, mpp, parameters, file)")
+    p.set_defaults(func=cmd_encoders)
+
     p = sub.add_parser(
         "check-grad",
         help="prove every memory mode and process layout gives the single-process gradient",
@@ -126,3 +130,19 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
     failed = [r for r in rows if not r.ok]
     print(f"{len(rows) - len(failed)}/{len(rows)} configurations within tolerance {tol:g} (every rank compared)")
     return 1 if failed else 0
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from fullslide.models.recipes import RECIPES
+    from fullslide.models.registry import recipe_parameter_count
+
+    print(f"{'name':<14} {'width':>5} {'input':>5} {'mpp':>4} {'params':>7}  {'embedding':<22} {'file (layout)':<32} source")
+    for r in RECIPES.values():
+        files = "/".join(r.files) + ("" if r.layout == "timm" else f" ({r.layout})")
+        size = f"{r.input_px}" + ("" if r.dynamic_size else "*")
+        print(f"{r.name:<14} {r.width:>5} {size:>5} {r.mpp:>4g} {recipe_parameter_count(r) / 1e6:>6.0f}M  "
+              f"{r.pooling:<22} {files:<32} {r.source}")
+    print("* fixed input: tiles of another size are resized to it on the compute device (antialiased); the others "
+          "are resized too, as their cards' transforms do, unless encoder.kwargs sets img_size.")
+    print("Use: encoder: {name: uni, weights: /models/uni/pytorch_model.bin}. fullslide never downloads weights.")
+    return 0

@@ -147,3 +147,76 @@ def coords_problem(
     if len(coords) > 4 * room:  # overlapping tilings (stride < tile) stay well below 4x
         return f"{len(coords)} tiles, more than a {width} x {height} px slide holds at {geometry.level0_px} px a tile"
     return None
+
+
+def find_coords_file(coords_dir: str | Path, slide_id: str) -> Path | None:
+    """The coords file of ``slide_id`` in ``coords_dir``: fullslide's and CLAM's ``patches/{id}.h5``, TRIDENT's
+    ``patches/{id}_patches.h5`` (or either directly in the folder); None if there is none."""
+    root = Path(coords_dir)
+    for folder in (root / "patches", root):
+        for name in (f"{slide_id}.h5", f"{slide_id}_patches.h5"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def is_fullslide_coords(h5_path: str | Path) -> bool:
+    """Whether a coords file carries fullslide's attributes (else it is CLAM's or TRIDENT's, to import)."""
+    import h5py
+
+    try:
+        with h5py.File(h5_path, "r") as h5:
+            return COORDS in h5 and "fullslide_format" in h5[COORDS].attrs
+    except OSError:
+        return True  # unreadable: let the regular reader report it
+
+
+def import_coords(src: str | Path, slide: Any, out: str | Path, slide_id: str) -> Path:
+    """Convert a TRIDENT or CLAM coords file to fullslide's (same tiles, geometry made explicit) at ``out``.
+
+    TRIDENT: ``patch_size`` (target px) and ``patch_size_level0``. CLAM: ``patch_size`` at ``patch_level`` (read
+    without resampling; level-0 size = ``patch_size`` x that level's downsample). The target mpp follows from the
+    slide's mpp. A file with neither is refused with one line naming what is missing.
+    """
+    import h5py
+
+    from fullslide.slides.grid import TileGeometry
+
+    src = Path(src)
+    try:
+        with h5py.File(src, "r") as h5:
+            if COORDS not in h5:
+                raise SlideError(src, f"not a coords file: no '{COORDS}' dataset")
+            xy = np.asarray(h5[COORDS][...])
+            attrs = {k: _plain(v) for k, v in h5[COORDS].attrs.items()}
+    except (OSError, KeyError, ValueError) as exc:
+        raise SlideError(src, f"cannot read coords file ({' '.join(str(exc).split())})") from exc
+    if "patch_size" not in attrs:
+        raise SlideError(src, "coords file without a 'patch_size' attribute (neither fullslide, TRIDENT nor CLAM)")
+    if xy.dtype.kind not in "iu" or xy.dtype.itemsize < 4 or xy.ndim != 2 or xy.shape[1] != 2:
+        raise SlideError(src, f"'{COORDS}' must be integer [N, 2] of at least 32 bits, got {xy.dtype} {xy.shape}")
+    tile_px = int(attrs["patch_size"])
+    slide_mpp = slide.require_mpp()
+    if "patch_size_level0" in attrs:  # TRIDENT
+        level0_px = int(attrs["patch_size_level0"])
+    elif "patch_level" in attrs:  # CLAM: tiles read at patch_level without resampling
+        level = int(attrs["patch_level"])
+        if not 0 <= level < len(slide.level_downsamples):
+            raise SlideError(src, f"'patch_level' {level} does not exist in the slide ({len(slide.level_downsamples)} "
+                                  "levels)")
+        level0_px = int(round(tile_px * slide.level_downsamples[level]))
+    else:
+        raise SlideError(src, "coords file has 'patch_size' but neither 'patch_size_level0' (TRIDENT) nor "
+                              "'patch_level' (CLAM): the tiles' level-0 size is unknown")
+    from fullslide.slides.grid import plan_tile_geometry
+
+    planned = plan_tile_geometry(slide_mpp, slide.level_downsamples, slide_mpp * level0_px / tile_px, tile_px)
+    geometry = TileGeometry(target_mpp=slide_mpp * level0_px / tile_px, tile_px=tile_px, slide_mpp=slide_mpp,
+                            level=planned.level, level_downsample=planned.level_downsample, read_px=planned.read_px,
+                            level0_px=level0_px, match_tolerance=planned.match_tolerance)
+    write_coords(out, xy.reshape(-1, 2), geometry, slide_id=slide_id, level0_wh=slide.dimensions,
+                 level_wh=slide.level_dimensions[geometry.level], backend=slide.backend,
+                 fingerprint=f"imported:{src}",
+                 extra_attrs={"imported_from": str(src), "num_tiles": int(len(xy)),
+                              "slide_bytes": int(Path(slide.path).stat().st_size)})
+    return Path(out)

@@ -39,6 +39,7 @@ class RunData:
     splits: dict[str, str]
     sources: dict[str, SlideSource] = field(default_factory=dict)  # usable slides by id
     excluded: dict[str, str] = field(default_factory=dict)  # slide id -> one-line reason
+    feature_width: int | None = None  # frozen runs: the width of the extracted features
 
     def split_sources(self, split: str) -> list[SlideSource]:
         return [self.sources[r.slide_id] for r in self.cohort.records
@@ -71,16 +72,27 @@ def ensure_tiles(
     from fullslide.slides import tile_slides
     from fullslide.slides.tiler import output_paths
 
+    from fullslide.slides.coords_io import find_coords_file, is_fullslide_coords
+
     given = Path(config.data.coords_dir) if config.data.coords_dir else None
     own = run_dir / TILES_DIR
     coords: dict[str, Path] = {}
+    foreign: dict[str, Path] = {}  # TRIDENT / CLAM files, converted into RUN/tiles
     todo = []
     for r in cohort.records:
-        if given is not None and output_paths(given, r.slide_id)[0].exists():
-            coords[r.slide_id] = output_paths(given, r.slide_id)[0]
-        else:
+        found = find_coords_file(given, r.slide_id) if given is not None else None
+        if found is None:
             todo.append(r)
+        elif is_fullslide_coords(found):
+            coords[r.slide_id] = found
+        else:
+            foreign[r.slide_id] = found
+    if given is not None and todo:
+        log.warning("%d slide(s) have no coords in %s (e.g. %s): tiling them into %s", len(todo), given,
+                    todo[0].slide_id, own)
     excluded: dict[str, str] = {}
+    if foreign:
+        excluded.update(_import_foreign(config, cohort, foreign, own, coords, ctx))
     if todo:
         if ctx.rank == 0:
             own.mkdir(parents=True, exist_ok=True)
@@ -125,6 +137,36 @@ def ensure_tiles(
     return sources, excluded
 
 
+def _import_foreign(config: Config, cohort: CohortTable, foreign: dict[str, Path], own: Path,
+                    coords: dict[str, Path], ctx: ParallelContext) -> dict[str, str]:
+    """Convert TRIDENT / CLAM coords files into ``RUN/tiles/patches`` (rank 0; once, unless the source changed);
+    returns the slides whose file could not be used, with the one-line reason."""
+    from fullslide.slides import open_slide
+    from fullslide.slides.coords_io import import_coords
+    from fullslide.slides.tiler import output_paths
+
+    failed: dict[str, str] = {}
+    for slide_id, src in foreign.items():
+        out = output_paths(own, slide_id)[0]
+        if ctx.rank == 0 and not (out.exists() and out.stat().st_mtime_ns >= src.stat().st_mtime_ns):
+            try:
+                with open_slide(cohort.by_id(slide_id).path, backend=config.data.backend, mpp=config.data.mpp) as slide:
+                    import_coords(src, slide, out, slide_id)
+            except FullslideError as exc:
+                failed[slide_id] = str(exc)
+                out.unlink(missing_ok=True)
+    barrier(ctx)
+    for slide_id in foreign:
+        out = output_paths(own, slide_id)[0]
+        if out.exists():
+            coords[slide_id] = out
+        else:
+            failed.setdefault(slide_id, f"{foreign[slide_id]}: could not be imported (see rank 0's log)")
+    if len(failed) < len(foreign):
+        log.info("coords: %d TRIDENT/CLAM file(s) converted into %s", len(foreign) - len(failed), own)
+    return failed
+
+
 def _checked_coords(config: Config, slide_path: Path, h5: Path) -> int:
     """Rows of a coords file, checked once per run against its slide (SlideError naming the file if not usable)
     and against the config (ConfigError: tiles of another size or mpp than ``data.tile_px`` / ``target_mpp``)."""
@@ -132,7 +174,7 @@ def _checked_coords(config: Config, slide_path: Path, h5: Path) -> int:
     from fullslide.slides.coords_io import coords_problem, read_coords_and_attrs
 
     xy, geometry, attrs = read_coords_and_attrs(h5)
-    if geometry.tile_px != config.data.tile_px or abs(geometry.target_mpp / config.data.target_mpp - 1) > 1e-3:
+    if geometry.tile_px != config.data.tile_px or abs(geometry.target_mpp / config.data.target_mpp - 1) > 0.05:
         raise ConfigError(f"{h5}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} mpp, but data.tile_px is "
                           f"{config.data.tile_px} and data.target_mpp {config.data.target_mpp:g}; make them agree or "
                           "re-tile (`fullslide tile`)")
@@ -152,19 +194,41 @@ def _read_summary(path: Path) -> dict[str, str]:
         return {row.get("slide_id", ""): row.get("message", "") for row in csv.DictReader(fh)}
 
 
-def attach_features(config: Config, sources: dict[str, SlideSource], excluded: dict[str, str]) -> None:
-    """Frozen runs read ``features/{id}.h5``; slides without one are excluded."""
+def attach_features(config: Config, sources: dict[str, SlideSource], excluded: dict[str, str]) -> int | None:
+    """Frozen runs read ``features/{id}.h5``; a slide without one, or whose feature rows are not its coords (other
+    tiles: heatmaps would be misplaced), is excluded. Returns the features' width (one width for all files)."""
+    import h5py
+    import numpy as np
+
     if not config.data.features_dir:
         raise FullslideError("encoder.freeze is true but data.features_dir is not set (run `fullslide extract` first)")
+    widths: set[int] = set()
     for slide_id in list(sources):
         path = features_path(config.data.features_dir, slide_id)
+        old = sources[slide_id]
+        problem = None
         if not path.exists():
-            excluded[slide_id] = f"{path}: no features (run `fullslide extract` for this slide)"
+            problem = f"{path}: no features (run `fullslide extract` for this slide)"
+        else:
+            with h5py.File(path, "r") as h5:
+                n, width = h5["features"].shape
+                stored = np.asarray(h5["coords"][...]) if "coords" in h5 else None
+            with h5py.File(old.coords_h5, "r") as h5:
+                coords = np.asarray(h5["coords"][...])
+            if widths and width not in widths:
+                raise FullslideError(f"{path}: features of width {width}, other files of {config.data.features_dir} "
+                                     f"have {widths.pop()}: extracted by different encoders")
+            widths.add(width)
+            if n != len(coords) or (stored is not None and not np.array_equal(stored, coords)):
+                problem = (f"{path}: {n} feature rows do not match the {len(coords)} tiles of {old.coords_h5} "
+                           "(extracted from other coords? run `fullslide extract` again)")
+        if problem:
+            excluded[slide_id] = problem
             del sources[slide_id]
             continue
-        old = sources[slide_id]
-        sources[slide_id] = SlideSource(slide_id=old.slide_id, path=old.path, n_tiles=_n_rows(path, "features"),
+        sources[slide_id] = SlideSource(slide_id=old.slide_id, path=old.path, n_tiles=n,
                                         coords_h5=old.coords_h5, features_h5=str(path), mpp=old.mpp)
+    return next(iter(widths), None)
 
 
 def prepare_data(config: Config, run_dir: Path, ctx: ParallelContext, *, progress: bool = False) -> RunData:
@@ -184,12 +248,13 @@ def prepare_data(config: Config, run_dir: Path, ctx: ParallelContext, *, progres
         if ctx.rank == 0:
             write_splits_csv(splits_file, cohort, splits)
     check_no_patient_leak(cohort, splits)
+    feature_width = None
     sources, excluded = ensure_tiles(config, cohort, run_dir, ctx, progress=progress)
     if config.encoder.freeze:
-        attach_features(config, sources, excluded)
+        feature_width = attach_features(config, sources, excluded)
     for slide_id, why in excluded.items():
         log.warning("left out %s: %s", slide_id, why)
-    return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded)
+    return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded, feature_width=feature_width)
 
 
 def check_trainable(data: RunData, task: str) -> None:

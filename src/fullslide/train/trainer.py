@@ -211,6 +211,11 @@ class Trainer:
         self.model = build_model(cfg, self.n_out).to(ctx.device)
         if cfg.encoder.freeze:
             self.model.encoder.requires_grad_(False)
+            width = self.data.feature_width
+            if width is not None and width != self.model.feature_dim:  # the aggregator is sized from the encoder
+                raise ConfigError(f"{cfg.data.features_dir}: features of width {width}, but encoder "
+                                  f"'{cfg.encoder.name}' gives {self.model.feature_dim}: set encoder.name (and kwargs) "
+                                  "to the model that extracted them")
         # what the encoder trains when it trains (LoRA / last-N blocks freeze the rest); frozen epochs toggle it
         self.encoder_trainable = [p for p in self.model.encoder.parameters() if p.requires_grad]
         self.amp = amp_dtype(cfg, ctx.device)
