@@ -240,3 +240,12 @@ def test_transformers_layouts_equal_transformers_forward(name: str, names: str, 
         ours = encoder(tiles)
     assert float((want[0] - want[1]).abs().max()) > 1e-2  # the input matters
     assert torch.allclose(ours, want, rtol=1e-4, atol=1e-5), float((ours - want).abs().max())
+
+
+def test_layer_classes_can_be_named_in_yaml_for_any_timm_model(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("encoder:\n  name: vit_huge_patch14_224\n  kwargs: {depth: 1, img_size: 28, embed_dim: 32,"
+                      " num_heads: 2, mlp_layer: SwiGLUPacked, act_layer: SiLU}\ndata:\n  tile_px: 28\n")
+    encoder = build_model(load_config(config), 2).encoder
+    assert any(type(m).__name__ == "GluMlp" for m in encoder.modules())  # SwiGLUPacked is a GluMlp partial
+    assert encoder(torch.zeros(1, 3, 28, 28, dtype=torch.uint8)).shape == (1, 32)

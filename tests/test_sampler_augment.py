@@ -69,3 +69,33 @@ def test_no_augmentation_returns_tiles_unchanged(n: int) -> None:
     tiles = _tiles(n)
     off = Augment(flip=False, rot90=False, blur_p=0, jitter=0)
     assert augment_tiles(tiles, off, seed=0, epoch=0, slide=0, positions=np.arange(n)) is tiles
+
+
+def _real_tiles(k: int = 12, px: int = 32) -> np.ndarray:
+    """Tiles with structure (gradients and blobs), not flat noise, so flips, rotations and blur all show."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:px, 0:px]
+    base = np.stack([xx * 7 % 256, yy * 5 % 256, (xx + yy) * 3 % 256], axis=-1).astype(np.float32)
+    return np.clip(base[None] + rng.normal(0, 25, (k, px, px, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(blur_p=1.0, jitter=0.0), dict(blur_p=0.0, jitter=0.2),
+                                      dict(flip=False, rot90=False, blur_p=0.5, jitter=0.1)])
+def test_batched_device_augmentation_equals_the_per_tile_reference(settings: dict) -> None:
+    import torch
+
+    from fullslide.data.augment import augment_batch
+
+    aug = Augment(**settings)
+    tiles = _real_tiles()
+    positions = np.arange(5, 5 + len(tiles))
+    ref = augment_tiles(tiles, aug, seed=3, epoch=2, slide=4, positions=positions)  # numpy, per tile
+    chw = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    got = augment_batch(chw, aug, seed=3, epoch=2, slide=4, positions=positions).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05  # float32 rounding only
+    assert not np.array_equal(got, tiles)  # it did something
+    # a tile's pixels do not depend on the batch it is in: any split of the K list gives the same pixels
+    halves = [augment_batch(chw[s], aug, seed=3, epoch=2, slide=4, positions=positions[s])
+              for s in (slice(0, 5), slice(5, None))]
+    assert torch.equal(torch.cat(halves).permute(0, 2, 3, 1), torch.from_numpy(got))

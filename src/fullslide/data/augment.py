@@ -3,6 +3,11 @@
 Each tile draws from its own generator keyed by (seed, epoch, slide, position of the tile in the slide's K
 list), so a tile is augmented the same way whichever rank reads it and whatever the tile-parallel layout:
 augmentation never breaks the equality of gradients across layouts, and a resumed run replays it.
+
+Two implementations of the same draws: :func:`augment_batch` (torch, batched, on the device that runs the
+encoder: what training uses, so loader workers only read and decode) and :func:`augment_tiles` (numpy, per tile:
+the reference the batched one is tested against). The batched path uses only per-tile elementwise arithmetic
+and per-tile shifts, so a tile's pixels do not depend on which other tiles share its batch.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,85 @@ def augment_tiles(
     for i, pos in enumerate(positions.tolist()):
         out[i] = augment_tile(tiles[i], aug, np.random.default_rng([seed, epoch, slide, pos, 3]))
     return out
+
+
+@dataclass(frozen=True)
+class TileDraws:
+    """Every tile's random draws, ``[k]`` each (drawn on the host: a few scalars per tile)."""
+
+    flip_w: np.ndarray  # bool
+    flip_h: np.ndarray  # bool
+    rot: np.ndarray  # int 0..3
+    blur: np.ndarray  # bool
+    sigma: np.ndarray  # float
+    jitter: np.ndarray  # [k, 3] brightness, contrast, saturation factors (ones when off)
+
+
+def draw(aug: Augment, *, seed: int, epoch: int, slide: int, positions: np.ndarray) -> TileDraws:
+    """The draws of :func:`augment_tile`, in the same order from the same per-tile generators."""
+    k = len(positions)
+    fw, fh, blur = np.zeros(k, bool), np.zeros(k, bool), np.zeros(k, bool)
+    rot, sigma, jit = np.zeros(k, np.int64), np.zeros(k, np.float64), np.ones((k, 3), np.float32)
+    for i, pos in enumerate(np.asarray(positions).tolist()):
+        rng = np.random.default_rng([seed, epoch, slide, pos, 3])
+        fw[i] = aug.flip and rng.random() < 0.5
+        fh[i] = aug.flip and rng.random() < 0.5
+        rot[i] = int(rng.integers(4)) if aug.rot90 else 0
+        blur[i] = aug.blur_p > 0 and rng.random() < aug.blur_p
+        sigma[i] = float(rng.uniform(0.3, 1.0))
+        if aug.jitter > 0:
+            jit[i] = rng.uniform(1 - aug.jitter, 1 + aug.jitter, size=3).astype(np.float32)
+    return TileDraws(fw, fh, rot, blur, sigma, jit)
+
+
+def _gauss_weights(sigma: np.ndarray, blur: np.ndarray) -> tuple[np.ndarray, int]:
+    """Per-tile 1-D kernels ``[k, 2R + 1]`` on a common radius R (zeros beyond a tile's own radius; identity for
+    tiles without blur), as :func:`_blur` builds them."""
+    radii = np.where(blur, np.maximum(1, np.round(2 * sigma)).astype(int), 0)
+    big = int(radii.max()) if len(radii) else 0
+    weights = np.zeros((len(sigma), 2 * big + 1), np.float32)
+    for i, (r, s) in enumerate(zip(radii, sigma)):
+        if r == 0:
+            weights[i, big] = 1.0
+            continue
+        x = np.arange(-r, r + 1, dtype=np.float32)
+        kern = np.exp(-0.5 * (x / np.float32(s)) ** 2)
+        weights[i, big - r : big + r + 1] = kern / kern.sum()
+    return weights, big
+
+
+def augment_batch(tiles: torch.Tensor, aug: Augment, *, seed: int, epoch: int, slide: int,
+                  positions: np.ndarray) -> torch.Tensor:
+    """Augment uint8 ``[k, 3, H, W]`` tiles on their device (square tiles); returns uint8 ``[k, 3, H, W]``."""
+    if not aug.active or tiles.shape[0] == 0:
+        return tiles
+    d = draw(aug, seed=seed, epoch=epoch, slide=slide, positions=positions)
+    dev = tiles.device
+    out = tiles
+    for mask, dims in ((d.flip_w, (3,)), (d.flip_h, (2,))):  # numpy's [H, W, 3] axes 1 and 0
+        if mask.any():
+            sel = torch.from_numpy(np.flatnonzero(mask)).to(dev)
+            out = out.index_copy(0, sel, out.index_select(0, sel).flip(dims))
+    for r in (1, 2, 3):  # np.rot90 on [H, W] axes = torch.rot90 on dims (2, 3)
+        if (d.rot == r).any():
+            sel = torch.from_numpy(np.flatnonzero(d.rot == r)).to(dev)
+            out = out.index_copy(0, sel, torch.rot90(out.index_select(0, sel), r, dims=(2, 3)))
+    if not d.blur.any() and aug.jitter <= 0:
+        return out.contiguous()
+    x = out.float()  # [k, 3, H, W]
+    if d.blur.any():
+        w, big = _gauss_weights(d.sigma, d.blur)
+        w = torch.from_numpy(w).to(dev)[:, :, None, None, None]  # [k, taps, 1, 1, 1]
+        pad = torch.nn.functional.pad(x, (0, 0, big, big), mode="reflect")
+        x = sum(w[:, j] * pad[:, :, j : j + x.shape[2]] for j in range(w.shape[1]))
+        pad = torch.nn.functional.pad(x, (big, big, 0, 0), mode="reflect")
+        x = sum(w[:, j] * pad[:, :, :, j : j + x.shape[3]] for j in range(w.shape[1]))
+    if aug.jitter > 0:
+        b, c, s = (torch.from_numpy(d.jitter[:, i]).to(dev)[:, None, None, None] for i in range(3))
+        x = x * b
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * c + mean
+        luma = torch.tensor(_LUMA, device=dev)[None, :, None, None]
+        gray = (x * luma).sum(1, keepdim=True)
+        x = gray + (x - gray) * s
+    return (x + 0.5).clamp_(0, 255).to(torch.uint8)

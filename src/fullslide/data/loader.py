@@ -1,7 +1,8 @@
 """Reading tiles (or precomputed features) ahead of the step, in loader worker processes.
 
 ``StepDataset`` item ``i`` is this rank's data for step ``i`` of an epoch plan: for each slide of the step
-that its slide group processes, only this rank's share of the K tiles (``rank_tile_range``), augmented.
+that its slide group processes, only this rank's share of the K tiles (``rank_tile_range``), as read
+(augmentation runs batched on the encoder's device: ``fullslide.data.augment.augment_batch``).
 ``SlideChunks`` streams ALL tiles of slides chunk by chunk for validation, evaluation, extraction and
 heatmaps. Both run in a ``torch.utils.data.DataLoader`` so reading overlaps compute. A slide that fails to
 read becomes a failure entry (one line naming the file), never an exception that kills the run.
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fullslide.data.augment import Augment, augment_tiles
 from fullslide.data.sampler import StepPlan
 from fullslide.engine.mesh import ParallelDims, rank_tile_range, slides_for_group
 
@@ -115,8 +115,6 @@ class StepDataset(Dataset):
         dims: ParallelDims,
         rank: int,
         chunk_tiles: int,
-        augment: Augment | None,
-        seed: int,
         use_features: bool = False,
         backend: str = "auto",
     ) -> None:
@@ -124,8 +122,6 @@ class StepDataset(Dataset):
         self.sources = list(sources)
         self.dims, self.rank = dims, rank
         self.chunk_tiles = chunk_tiles
-        self.augment = augment
-        self.seed = seed
         self.use_features = use_features
         self.reader = TileReader(backend)
 
@@ -144,11 +140,7 @@ class StepDataset(Dataset):
                 if self.use_features:
                     data = torch.from_numpy(self.reader.features(source, tiles[start:stop]))
                 else:
-                    pixels = self.reader.tiles(source, tiles[start:stop])
-                    if self.augment is not None:
-                        pixels = augment_tiles(pixels, self.augment, seed=self.seed, epoch=plan.epoch,
-                                               slide=slide_index, positions=np.arange(start, stop))
-                    data = to_chw(pixels)
+                    data = to_chw(self.reader.tiles(source, tiles[start:stop]))
             except Exception as exc:  # one bad slide must not stop the run: report it, skip it this step
                 out.failures.append((pos, _one_line(exc, source)))
                 continue

@@ -188,6 +188,9 @@ def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: f
         raise ModelError(f"unknown encoder '{name}': not a recipe (`fullslide encoders`), not built in "
                          f"({', '.join(BUILTIN_ENCODERS)}), not a timm model, not an hf-hub: name and not a "
                          "package.module:callable factory")
+    from fullslide.models.recipes import resolve_layer
+
+    kwargs = {k: resolve_layer(v) if k in ("mlp_layer", "act_layer", "norm_layer") else v for k, v in kwargs.items()}
     base = dict(pretrained=hub, num_classes=0, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
     try:
         try:  # ViT-style models take img_size so that tiles other than 224 px work; CNNs do not accept it

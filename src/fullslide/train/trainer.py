@@ -22,12 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fullslide.data.augment import Augment
+from fullslide.data.augment import Augment, augment_batch
 from fullslide.data.loader import StepDataset, make_loader
 from fullslide.data.sampler import TileSampler, step_seed
-from fullslide.engine import Bag, NonFiniteLossError, ParallelContext, init_parallel, shutdown_parallel, step
+from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_parallel, rank_tile_range,
+                              shutdown_parallel, step)
 from fullslide.atomic import atomic_write_text
 from fullslide.errors import ConfigError, FullslideError
 from fullslide.train import checkpoint as ckpt
@@ -264,8 +266,8 @@ class Trainer:
         start = self.state["next_step"]
         acc = self.state["accum"] or {"loss_sum": 0.0, "steps": 0, "slides": 0, "tiles": 0, "skipped": 0, "seconds": 0.0}
         aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
+        # loader workers only read and decode; augmentation runs batched on the encoder's device (augment_batch)
         dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=cfg.train.chunk_tiles,
-                              augment=None if cfg.encoder.freeze else aug, seed=cfg.train.seed,
                               use_features=cfg.encoder.freeze, backend=cfg.data.backend)
         loader = make_loader(dataset, workers=cfg.train.loader_workers, prefetch=cfg.train.prefetch_steps,
                              pin_memory=ctx.device.type == "cuda")
@@ -282,7 +284,8 @@ class Trainer:
             failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
-            bags = [Bag(index=new_index[p], k_total=k, **({"features": d} if cfg.encoder.freeze else {"tiles": d}))
+            bags = [Bag(index=new_index[p], k_total=k, **({"features": d} if cfg.encoder.freeze else
+                                                          {"tiles": self._augment(d, k, epoch, plan.slides[p], aug)}))
                     for p, d, k in zip(loaded.positions, loaded.data, loaded.k_totals) if p in new_index]
             acc["skipped"] += len(failed)
             if keep:
@@ -329,6 +332,14 @@ class Trainer:
             "skipped_slides": acc["skipped"],
             "train_seconds": acc["seconds"],
         }
+
+    def _augment(self, tiles: torch.Tensor, k_total: int, epoch: int, slide: int, aug: Augment) -> torch.Tensor:
+        """This rank's share of a slide's uint8 tiles, moved to the device and augmented there, each tile keyed by
+        its position in the slide's K list (so the pixels do not depend on the layout)."""
+        start, stop = rank_tile_range(k_total, self.config.train.chunk_tiles, self.ctx.tp_rank, self.ctx.tp_size)
+        tiles = tiles.to(self.ctx.device, non_blocking=True)
+        return augment_batch(tiles, aug, seed=self.config.train.seed, epoch=epoch, slide=slide,
+                             positions=np.arange(start, stop))
 
     def _optimizer_step(self) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
