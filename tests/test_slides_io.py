@@ -228,3 +228,30 @@ def test_thumbnail_of_a_huge_single_level_slide_is_bounded_and_reports_progress(
     assert len(reads) == 3 and [y for y, _ in reads] == [0, 1600, 3200]  # 1 band in 4
     assert seen == sorted(seen) and seen[-1] <= 1.0 and len(seen) == 3
     assert (thumb[:160] == thumb[0]).all()  # bands 1-3 repeat band 0
+
+
+def test_openslide_direct_reader_equals_the_pil_path_also_on_transparent_pixels(real_svs: Path) -> None:
+    from fullslide.slides.openslide_backend import OpenSlideBackend
+
+    backend = OpenSlideBackend(real_svs)
+    for xy in [(100, 200), (-40, -30)]:  # inside; and half outside the image, where OpenSlide gives alpha 0
+        direct = backend._read_direct(xy, 0, (96, 64))
+        pil = backend._read_pil(xy, 0, (96, 64))
+        assert direct.shape == pil.shape == (64, 96, 3)
+        assert np.abs(direct.astype(int) - pil.astype(int)).max() <= 1
+    assert (backend._read_direct((-40, -30), 0, (96, 64))[:20, :30] == 255).all()  # outside composites to white
+    backend.close()
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("target_mpp,tile_px", [(0.499, 64), (1.0, 32)])  # read as is; read and resized
+def test_channels_first_tiles_equal_the_transposed_tiles(real_svs: Path, backend: str, target_mpp: float,
+                                                         tile_px: int) -> None:
+    with open_slide(real_svs, backend=backend) as slide:
+        geometry = plan_tile_geometry(slide.require_mpp(), slide.level_downsamples, target_mpp, tile_px)
+        coords = np.array([[0, 0], [500, 700], [1200, 2000], [slide.dimensions[0] - 10, 5]])  # last one overhangs
+        hwc = slide.read_tiles(coords, geometry)
+        chw = slide.read_tiles(coords, geometry, channels_first=True)
+        inside = slide.read_tiles(coords[:3], geometry, channels_first=True)  # the bulk path where it applies
+    assert chw.flags["C_CONTIGUOUS"] and np.array_equal(chw, hwc.transpose(0, 3, 1, 2))
+    assert np.array_equal(inside, hwc[:3].transpose(0, 3, 1, 2))

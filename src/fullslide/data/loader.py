@@ -63,10 +63,10 @@ class TileReader:
         coords, geometry = self._coords[source.slide_id]
         return slide, coords, geometry
 
-    def tiles(self, source: SlideSource, indices: np.ndarray) -> np.ndarray:
-        """uint8 [k, tile_px, tile_px, 3] tiles at ``indices`` of the slide's coords."""
+    def tiles(self, source: SlideSource, indices: np.ndarray) -> torch.Tensor:
+        """uint8 [k, 3, tile_px, tile_px] tiles at ``indices`` of the slide's coords (channels first, as read)."""
         slide, coords, geometry = self._slide(source)
-        return slide.read_tiles(coords[indices], geometry)
+        return torch.from_numpy(slide.read_tiles(coords[indices], geometry, channels_first=True))
 
     def features(self, source: SlideSource, indices: np.ndarray) -> np.ndarray:
         """float32 [k, D] rows of the slide's feature file."""
@@ -81,11 +81,6 @@ class TileReader:
         for slide in self._slides.values():
             slide.close()
         self._slides.clear()
-
-
-def to_chw(tiles: np.ndarray) -> torch.Tensor:
-    """uint8 [k, H, W, 3] -> uint8 [k, 3, H, W] tensor."""
-    return torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
@@ -140,7 +135,7 @@ class StepDataset(Dataset):
                 if self.use_features:
                     data = torch.from_numpy(self.reader.features(source, tiles[start:stop]))
                 else:
-                    data = to_chw(self.reader.tiles(source, tiles[start:stop]))
+                    data = self.reader.tiles(source, tiles[start:stop])
             except Exception as exc:  # one bad slide must not stop the run: report it, skip it this step
                 out.failures.append((pos, _one_line(exc, source)))
                 continue
@@ -184,7 +179,7 @@ class SlideChunks(Dataset):
             if self.use_features:
                 data = torch.from_numpy(self.reader.features(source, idx))
             else:
-                data = to_chw(self.reader.tiles(source, idx))
+                data = self.reader.tiles(source, idx)
         except Exception as exc:
             return SlideChunk(s, c, n, torch.empty(0), _one_line(exc, source))
         return SlideChunk(s, c, n, data)

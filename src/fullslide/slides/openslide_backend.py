@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -56,6 +57,54 @@ class OpenSlideBackend(SlideBackend):
         return dict(self._slide.properties)
 
     def read_region(self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        if _DIRECT is not None and hasattr(self._slide, "_osr") and min(size_wh) > 0:
+            return self._read_direct(level0_xy, level, size_wh)
+        return self._read_pil(level0_xy, level, size_wh)
+
+    def _read_direct(self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's C reader straight into a numpy buffer: no PIL image, no RGBA repacking (as fast as a bare
+        ``read_region``, which stops at the PIL image). Pixels are premultiplied ARGB words (B, G, R, A bytes)."""
+        width, height = size_wh
+        buf = np.empty((height, width), dtype=np.uint32)
+        _DIRECT(self._slide._osr, buf.ctypes.data_as(_UINT32_P), int(level0_xy[0]), int(level0_xy[1]), int(level),
+                width, height)  # raises OpenSlideError (via openslide-python's error check) on failure
+        bgra = buf.view(np.uint8).reshape(height, width, 4)
+        rgb = bgra[..., 2::-1]  # a view: copied once by the caller's assignment
+        alpha = bgra[..., 3]
+        if alpha.min() == 255:
+            return rgb
+        # transparent pixels (outside scanned areas) composite onto white: premultiplied c + (255 - a)
+        return (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+
+    def read_regions(self, level0_xys: list[tuple[int, int]], level: int, size_wh: tuple[int, int],
+                     channels_first: bool = False) -> np.ndarray | None:
+        """Many same-sized regions at once, uint8 ``[n, h, w, 3]`` (``[n, 3, h, w]`` with ``channels_first``):
+        every region is read straight into one buffer and converted in one vectorised pass per channel (None
+        where the direct reader is unavailable)."""
+        if _DIRECT is None or not hasattr(self._slide, "_osr") or min(size_wh) <= 0:
+            return None
+        width, height = size_wh
+        buf = np.empty((len(level0_xys), height, width), dtype=np.uint32)
+        stride = height * width * 4
+        base = buf.ctypes.data
+        for i, (x, y) in enumerate(level0_xys):
+            _DIRECT(self._slide._osr, ctypes.cast(base + i * stride, _UINT32_P), int(x), int(y), int(level),
+                    width, height)
+        bgra = buf.view(np.uint8).reshape(len(level0_xys), height, width, 4)
+        n = len(level0_xys)
+        out = np.empty((n, 3, height, width) if channels_first else (n, height, width, 3), dtype=np.uint8)
+        planes = out if channels_first else np.moveaxis(out, 3, 1)  # [n, 3, h, w] view either way
+        for c in range(3):  # one plane at a time: 3x faster than copying the reversed-channel view
+            planes[:, c] = bgra[..., 2 - c]
+        alpha = bgra[..., 3]
+        partial = np.flatnonzero(alpha.reshape(n, -1).min(axis=1) < 255)
+        for i in partial.tolist():  # rare: transparent pixels composite onto white (premultiplied c + 255 - a)
+            white = 255 - alpha[i].astype(np.uint16)
+            white = white[None] if channels_first else white[..., None]
+            out[i] = (out[i].astype(np.uint16) + white).clip(0, 255)
+        return out
+
+    def _read_pil(self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
         image = self._slide.read_region(level0_xy, level, size_wh)  # PIL RGBA, not premultiplied
         width, height = size_wh
         # PIL packs RGB and A straight from its buffer; far cheaper than np.asarray + slicing RGBA
@@ -69,6 +118,20 @@ class OpenSlideBackend(SlideBackend):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _direct_reader():  # -> the ctypes function, or None where openslide-python's internals differ
+    try:
+        from openslide import lowlevel
+
+        function = lowlevel._read_region
+        return function if len(function.argtypes) == 7 else None
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_DIRECT = _direct_reader()
+_UINT32_P = ctypes.POINTER(ctypes.c_uint32)
 
 
 def _float(value: object) -> float | None:
