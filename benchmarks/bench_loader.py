@@ -76,7 +76,8 @@ def loader_vs_raw(cfg, args: argparse.Namespace) -> dict:
     from fullslide.train.setup import prepare_data
     from fullslide.engine import ParallelContext
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: what one loader worker has
     data = prepare_data(cfg, Path(cfg.run_dir), ParallelContext.single())
     src = data.split_sources("train")
     plans = TileSampler([s.n_tiles for s in src], k=args.k, slides_per_step=1, seed=0).epoch(0)
@@ -100,6 +101,7 @@ def loader_vs_raw(cfg, args: argparse.Namespace) -> dict:
             dataset[i]
         ours_times.append(time.perf_counter() - start)
         dataset.reader.close()
+    torch.set_num_threads(threads)
     raw, ours = float(np.median(raw_times)), float(np.median(ours_times))
     return {"tiles": n_tiles, "raw_tiles_per_s": n_tiles / raw, "loader_tiles_per_s": n_tiles / ours,
             "ratio": raw / ours}
