@@ -173,14 +173,8 @@ def test_extract_then_frozen_baseline_trains_only_the_aggregator(cohort: Path, t
 
 def _cohort_with(cohort: Path, tmp_path: Path, first_path: Path, first_id: str) -> Path:
     """A copy of ``cohort`` whose first row names another slide file and id."""
-    rows = list(csv.DictReader(open(cohort, newline="")))
-    rows[0]["path"], rows[0]["slide_id"] = str(first_path), first_id
-    out = tmp_path / "cohort.csv"
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
+    return _with_columns(cohort, tmp_path / "cohort.csv",
+                         lambda i, r: {"path": str(first_path), "slide_id": first_id} if i == 0 else {})
 
 
 def test_a_slide_changed_after_tiling_is_left_out_with_one_line(cohort: Path, tmp_path: Path) -> None:

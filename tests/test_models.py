@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fullslide.errors import ModelError
-from fullslide.models import AGGREGATORS, create_aggregator, create_encoder, read_tensors as load_state_dict_file
+from fullslide.models import AGGREGATORS, create_aggregator, create_encoder, read_tensors
 
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
@@ -112,7 +112,7 @@ def test_weights_never_unpickle_arbitrary_objects(tmp_path: Path) -> None:
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": _Evil()}, fh, protocol=2)
     with pytest.raises(ModelError, match="evil.pth: cannot load weights safely"):
-        load_state_dict_file(path)
+        read_tensors(path)
 
 
 def test_mismatched_and_missing_weights_are_clear_errors(tmp_path: Path) -> None:
