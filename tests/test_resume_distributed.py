@@ -162,3 +162,39 @@ def test_a_rank_that_dies_under_torchrun_is_named_in_one_line(setup: tuple[Path,
     lines = [ln for ln in err.splitlines() if ln.startswith("fullslide train: error: lost")]
     assert lines, err[-3000:]
     assert f"lost rank 1 (pid {rank1.pid} on " in lines[0] and f"train --resume {run}" in lines[0]
+
+
+def test_tile_parallel_inference_equals_single_process(setup: tuple[Path, Path]) -> None:
+    """eval and extract under torchrun with 2 ranks sharing each slide's tiles give the single-process results."""
+    import h5py
+    import numpy as np
+
+    root, cohort = setup
+    run = root / "reference"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "fullslide.cli"]
+    single = subprocess.run(_cmd("eval", str(run), "--split", "test", "--out", str(root / "tp_eval_1"),
+                                 "--no-progress"), capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    two = subprocess.run(torchrun + ["eval", str(run), "--split", "test", "--out", str(root / "tp_eval_2"),
+                                     "--tile-parallel", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = list(csv.DictReader(open(root / "tp_eval_1" / "predictions.csv")))
+    b = list(csv.DictReader(open(root / "tp_eval_2" / "predictions.csv")))
+    assert [r["slide_id"] for r in a] == [r["slide_id"] for r in b] and len(a) >= 2
+    prob = [k for k in a[0] if k.startswith("prob")]
+    assert prob and all(abs(float(x[k]) - float(y[k])) < 1e-5 for x, y in zip(a, b) for k in prob)
+    config = root / "reference.yaml"
+    for tag, cmd in (("1", _cmd("extract", str(config), "--out", str(root / "tp_feat_1"), "--no-progress")),
+                     ("2", torchrun + ["extract", str(config), "--out", str(root / "tp_feat_2"), "--tile-parallel",
+                                       "2", "--no-progress"])):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, (tag, proc.stderr[-3000:])
+    files = sorted((root / "tp_feat_1" / "features").glob("*.h5"))
+    assert files
+    for f in files:
+        with h5py.File(f) as x, h5py.File(root / "tp_feat_2" / "features" / f.name) as y:
+            assert np.allclose(x["features"][...], y["features"][...], atol=1e-5)
+            assert np.array_equal(x["coords"][...], y["coords"][...])

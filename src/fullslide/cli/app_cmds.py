@@ -31,6 +31,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (test)")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/eval/SPLIT)")
+    p.add_argument("--tile-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -41,12 +43,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint folder")
     p.add_argument("--mpp", type=float, default=None, help="mpp for slides without metadata")
     p.add_argument("--heatmaps", action="store_true", help="also draw heatmaps (PNG + GeoJSON) for every slide")
+    p.add_argument("--tile-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("extract", help="write per-slide tile features (HDF5) for the frozen-encoder baseline")
     _config_args(p)
     p.add_argument("--out", type=Path, default=None, help="features folder (default: data.features_dir)")
+    p.add_argument("--tile-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_extract)
 
@@ -56,6 +62,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide of the split)")
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/heatmaps)")
+    p.add_argument("--tile-parallel", type=int, default=1, metavar="T",
+                   help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.set_defaults(func=cmd_heatmap)
 
     p = sub.add_parser("demo", help="the main job on its built-in default: synthetic cohort -> E2E vs frozen -> report")
@@ -95,9 +103,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fullslide.train.evaluate import evaluate_run
 
     out, metrics_line = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, out=args.out,
-                                     progress=not args.no_progress and sys.stderr.isatty())
-    print(metrics_line)
-    print(f"written: {out}")
+                                     progress=not args.no_progress and sys.stderr.isatty(),
+                                     tile_parallel=args.tile_parallel)
+    if metrics_line:  # rank 0 (under torchrun the others stay quiet)
+        print(metrics_line)
+        print(f"written: {out}")
     return 0
 
 
@@ -105,7 +115,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fullslide.train.evaluate import predict_new
 
     out, n_ok, n_failed = predict_new(args.run_dir, args.inputs, args.out, checkpoint=args.checkpoint, mpp=args.mpp,
-                                      heatmaps=args.heatmaps, progress=not args.no_progress and sys.stderr.isatty())
+                                      heatmaps=args.heatmaps, progress=not args.no_progress and sys.stderr.isatty(),
+                                      tile_parallel=args.tile_parallel)
     print(f"{n_ok} slide(s) predicted, {n_failed} failed: {out}")
     return 1 if n_failed else 0
 
@@ -115,7 +126,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from fullslide.train.evaluate import extract
 
     out, n_ok, n_failed = extract(load_config(args.config, args.overrides), out=args.out,
-                                  progress=not args.no_progress and sys.stderr.isatty())
+                                  progress=not args.no_progress and sys.stderr.isatty(),
+                                  tile_parallel=args.tile_parallel)
     print(f"{n_ok} slide(s) extracted, {n_failed} failed: {out}")
     return 1 if n_failed else 0
 
@@ -124,7 +136,7 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
     from fullslide.train.evaluate import heatmaps_for_run
 
     out, n = heatmaps_for_run(args.run_dir, split=args.split, slide_ids=args.slides, checkpoint=args.checkpoint,
-                              out=args.out)
+                              out=args.out, tile_parallel=args.tile_parallel)
     print(f"{n} heatmap(s) written to {out}")
     return 0
 

@@ -160,12 +160,18 @@ class SlideChunks(Dataset):
     """Every tile of every slide, in order, ``chunk_tiles`` at a time (for inference on ALL tiles)."""
 
     def __init__(self, sources: Sequence[SlideSource], chunk_tiles: int, backend: str = "auto",
-                 use_features: bool = False) -> None:
+                 use_features: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> None:
+        """``ranges`` (one ``[start, stop)`` per source, starts on chunk boundaries): read only those tiles, as a
+        rank of a tile-parallel group does; a source with an empty range still yields one empty item, so every
+        rank of the group sees every slide."""
         self.sources = list(sources)
         self.reader = TileReader(backend)
         self.use_features = use_features
-        self.index = [(s, c, -(-src.n_tiles // chunk_tiles)) for s, src in enumerate(self.sources)
-                      for c in range(-(-src.n_tiles // chunk_tiles))]
+        self.ranges = list(ranges) if ranges is not None else [(0, src.n_tiles) for src in self.sources]
+        self.index = []
+        for s, (start, stop) in enumerate(self.ranges):
+            n = -(-(stop - start) // chunk_tiles)
+            self.index += [(s, c, n) for c in range(n)] if n else [(s, -1, 0)]
         self.chunk_tiles = chunk_tiles
 
     def __len__(self) -> int:
@@ -174,7 +180,10 @@ class SlideChunks(Dataset):
     def __getitem__(self, i: int) -> SlideChunk:
         s, c, n = self.index[i]
         source = self.sources[s]
-        idx = np.arange(c * self.chunk_tiles, min((c + 1) * self.chunk_tiles, source.n_tiles))
+        if c < 0:  # this rank holds no tile of the slide
+            return SlideChunk(s, c, n, torch.empty(0))
+        start, stop = self.ranges[s]
+        idx = np.arange(start + c * self.chunk_tiles, min(start + (c + 1) * self.chunk_tiles, stop))
         try:
             if self.use_features:
                 data = torch.from_numpy(self.reader.features(source, idx))

@@ -30,12 +30,13 @@ from fullslide.train.validate import prediction_rows, score_predictions, write_c
 log = logging.getLogger("fullslide.eval")
 
 
-def load_run(run_dir: Path, checkpoint: str = "best"):  # -> (config, info, model, ctx)
-    """A trained run's config, run.json, model with the chosen checkpoint's weights, and context."""
+def load_run(run_dir: Path, checkpoint: str = "best", tile_parallel: int = 1):  # -> (config, info, model, ctx)
+    """A trained run's config, run.json, model with the chosen checkpoint's weights, and context (under torchrun,
+    ``tile_parallel`` ranks share each slide's tiles)."""
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     config = load_config(run_dir / "config.yaml")
-    ctx = init_parallel(1, device=config.train.device)
+    ctx = inference_parallel(tile_parallel, config.train.device)
     model = build_model(config, int(info["n_outputs"])).to(ctx.device)
     where = ckpt.checkpoint_dir(run_dir, checkpoint)
     ckpt.load_weights_into(model, where)
@@ -43,13 +44,21 @@ def load_run(run_dir: Path, checkpoint: str = "best"):  # -> (config, info, mode
     return config, info, model, ctx
 
 
+def inference_parallel(tile_parallel: int, device: str):  # -> ParallelContext
+    """The context of an inference job; ``tile_parallel`` must divide the torchrun world (one line if not)."""
+    try:
+        return init_parallel(tile_parallel, device=device)
+    except ValueError as exc:
+        raise FullslideError(f"--tile-parallel {tile_parallel}: {exc}") from None
+
+
 def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best", out: Path | None = None,
-                 progress: bool = False) -> tuple[Path, str]:
+                 progress: bool = False, tile_parallel: int = 1) -> tuple[Path, str]:
     """Predict every slide of ``split`` on all its tiles and score it; returns (folder, metrics line)."""
     from fullslide.train.losses import make_loss
     from fullslide.train.metrics import format_metrics
 
-    config, info, model, ctx = load_run(run_dir, checkpoint)
+    config, info, model, ctx = load_run(run_dir, checkpoint, tile_parallel)
     data = prepare_data(config, Path(run_dir), ctx)
     sources = data.split_sources(split)
     if not sources:
@@ -59,6 +68,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best"
     scores = score_predictions(config.data.task, data.cohort, preds, loss_fn=loss_fn,
                                n_bootstrap=config.eval.bootstrap, seed=config.train.seed)
     out = Path(out) if out is not None else Path(run_dir) / "eval" / split
+    if ctx.rank != 0:  # every rank holds the results; one writes them
+        return out, ""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", prediction_rows(config.data.task, data.cohort, info["classes"], preds,
                                                        data.splits))
@@ -71,11 +82,12 @@ def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best"
 
 
 def predict_new(run_dir: Path, inputs: Sequence[str | Path], out: Path, *, checkpoint: str = "best",
-                mpp: float | None = None, heatmaps: bool = False, progress: bool = False) -> tuple[Path, int, int]:
+                mpp: float | None = None, heatmaps: bool = False, progress: bool = False,
+                tile_parallel: int = 1) -> tuple[Path, int, int]:
     """Tile (if needed) and predict new slides; returns (predictions.csv, slides predicted, slides failed)."""
     from fullslide.slides import tile_slides
 
-    config, info, model, ctx = load_run(run_dir, checkpoint)
+    config, info, model, ctx = load_run(run_dir, checkpoint, tile_parallel)
     out = Path(out)
     results = tile_slides(inputs, out / "tiles", target_mpp=config.data.target_mpp, tile_px=config.data.tile_px,
                           tissue_threshold=config.data.tissue_threshold, workers=max(1, config.train.loader_workers),
@@ -86,6 +98,9 @@ def predict_new(run_dir: Path, inputs: Sequence[str | Path], out: Path, *, check
                 for r in results if r.failed or r.n_tiles == 0]
     preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
                                 keep_attention=heatmaps, use_features=False)  # new slides: always from pixels
+    n_failed = sum(1 for p in preds if p.error) + len(failures)
+    if ctx.rank != 0:  # every rank holds the results; one writes them
+        return out / "predictions.csv", len(preds) - n_failed + len(failures), n_failed
     cohort = _labels_from_inputs(inputs, config, info)
     write_csv(out / "predictions.csv", prediction_rows(config.data.task, cohort, info["classes"], preds + failures))
     if heatmaps:
@@ -121,7 +136,8 @@ def encoder_fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
 
 
-def extract(config: Config, *, out: Path | None = None, progress: bool = False) -> tuple[Path, int, int]:
+def extract(config: Config, *, out: Path | None = None, progress: bool = False,
+            tile_parallel: int = 1) -> tuple[Path, int, int]:
     """Features of every cohort slide with the config's encoder; returns (folder, extracted, failed)."""
     import h5py
 
@@ -132,7 +148,7 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False) 
     target = Path(out or config.data.features_dir or "")
     if not str(target):
         raise FullslideError("extract: give --out or set data.features_dir")
-    ctx = init_parallel(1, device=config.train.device)
+    ctx = inference_parallel(tile_parallel, config.train.device)
     cohort = CohortTable.from_csv(config.data.cohort, task=config.data.task, label_column=config.data.label_column,
                                   require_labels=False)
     sources, excluded = ensure_tiles(config, cohort, target, ctx, progress=progress)
@@ -153,7 +169,9 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False) 
     for source, feats, error in extract_features(encoder, todo, chunk_tiles=config.eval.chunk_tiles,
                                                  workers=config.train.loader_workers,
                                                  amp_dtype=amp_dtype(config, ctx.device), backend=config.data.backend,
-                                                 device=ctx.device):
+                                                 parallel=ctx):
+        if ctx.tp_rank != 0:  # the group's first rank writes the slide's file
+            continue
         if feats is None:
             excluded[source.slide_id] = error
             continue
@@ -189,9 +207,9 @@ def draw_slide_heatmap(source: SlideSource, pred: SlidePrediction, out_dir: Path
 
 
 def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[str] | None = None,
-                     checkpoint: str = "best", out: Path | None = None) -> tuple[Path, int]:
+                     checkpoint: str = "best", out: Path | None = None, tile_parallel: int = 1) -> tuple[Path, int]:
     """Heatmaps for ``slide_ids`` (default: the split's slides); returns (folder, number of slides drawn)."""
-    config, info, model, ctx = load_run(run_dir, checkpoint)
+    config, info, model, ctx = load_run(run_dir, checkpoint, tile_parallel)
     data = prepare_data(config, Path(run_dir), ctx)
     if slide_ids:
         unknown = [s for s in slide_ids if s not in data.sources]
@@ -205,6 +223,8 @@ def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps"
     n = 0
     for source, pred in zip(sources, preds):
+        if ctx.rank != 0:  # every rank holds the results; one draws them
+            break
         if pred.error:
             log.warning("no heatmap for %s: %s", source.slide_id, pred.error)
             continue
