@@ -6,9 +6,12 @@
 2. Training throughput: ``fullslide train`` (loader workers reading ahead) beside the engine alone on the same
    tiles already in memory (device augmentation + ``engine.step`` + AdamW, same model, K, chunk). Goal: >= 0.9x
    once ``loader_workers >= 1``. Steady epochs only (the first pays start-up).
+3. (``--only memory``) Host memory of the loader against K with the default budget (``train.prefetch_tiles``:
+   one step's tiles in flight): peak growth in steps of tiles, goal about 2 at any K.
 
     python benchmarks/bench_loader.py                          # tinycnn, 64 px at 1 mpp, K=256, 24 slides
     python benchmarks/bench_loader.py --workers 2 --k 512 --json out.json
+    python benchmarks/bench_loader.py --only memory --tile-px 224 --mpp 0.5 --workers 2   # 3. peak memory vs K
 
 Run it alone on a quiet machine (``uptime`` before and after).
 """
@@ -69,7 +72,7 @@ def loader_vs_raw(cfg, args: argparse.Namespace) -> dict:
     import openslide
     import torch
 
-    from fullslide.data.loader import StepDataset
+    from fullslide.data.loader import StepDataset, assemble_steps
     from fullslide.data.sampler import TileSampler
     from fullslide.engine import ParallelDims
     from fullslide.slides import read_coords
@@ -97,8 +100,8 @@ def loader_vs_raw(cfg, args: argparse.Namespace) -> dict:
         dataset = StepDataset(plans, src, dims=ParallelDims(world_size=1, tile_parallel=1), rank=0,
                               chunk_tiles=args.chunk)
         start = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[i]
+        for _ in assemble_steps((dataset[i] for i in range(len(dataset))), dataset):
+            pass
         ours_times.append(time.perf_counter() - start)
         dataset.reader.close()
     torch.set_num_threads(threads)
@@ -112,7 +115,7 @@ def train_vs_engine(cfg, args: argparse.Namespace) -> dict:
     import torch
 
     from fullslide.data.augment import Augment, augment_batch
-    from fullslide.data.loader import StepDataset
+    from fullslide.data.loader import StepDataset, assemble_steps
     from fullslide.engine import Bag, ParallelContext, ParallelDims, step
     from fullslide.data.sampler import TileSampler, step_seed
     from fullslide.train.losses import make_loss
@@ -128,7 +131,7 @@ def train_vs_engine(cfg, args: argparse.Namespace) -> dict:
     src = data.split_sources("train")
     plans = TileSampler([s.n_tiles for s in src], k=args.k, slides_per_step=1, seed=cfg.train.seed).epoch(1)
     dataset = StepDataset(plans, src, dims=ParallelDims(world_size=1, tile_parallel=1), rank=0, chunk_tiles=args.chunk)
-    items = [dataset[i] for i in range(len(dataset))]  # every tile of the epoch, in memory
+    items = list(assemble_steps((dataset[i] for i in range(len(dataset))), dataset))  # the epoch's tiles, in memory
     model = build_model(cfg, 2)
     opt = make_optimizer(cfg, model)
     loss_fn = make_loss("classification", n_classes=2)
@@ -165,7 +168,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", choices=("loader", "train"), default=None)
+    ap.add_argument("--only", choices=("loader", "train", "memory"), default=None)
+    ap.add_argument("--memory-ks", type=lambda t: [int(v) for v in t.split(",")], default=[2048, 8192, 20000])
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-hold-s", type=float, default=2.0, help="seconds the consumer spends on each step")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -187,8 +193,63 @@ def main() -> None:
         print(f"training, {args.workers} loader worker(s), K={args.k}: engine alone {r['engine_tiles_per_s']:.0f} "
               f"tiles/s | fullslide train {r['train_tiles_per_s']:.0f} tiles/s | {r['ratio']:.2f}x the engine "
               f"(goal >= 0.9x)")
+    if args.only == "memory":  # opt-in: reads K x steps tiles (K = 20,000 at 224 px: ~1 min per step per worker)
+        out["memory"] = memory_against_k(config(args.work, cohort, tiles, args, "run_memory"), args)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+
+def memory_against_k(cfg, args: argparse.Namespace) -> list[dict]:
+    """Claim 3: peak memory (this process's RSS + the loader workers' unique memory) of the loader alone against K,
+    with the default budget, while a slow consumer holds each step."""
+    import threading
+
+    import psutil
+
+    from fullslide.data.loader import (StepDataset, assemble_steps, default_prefetch_tiles, make_loader,
+                                       prefetch_per_worker)
+    from fullslide.data.sampler import TileSampler
+    from fullslide.engine import ParallelContext, ParallelDims
+    from fullslide.train.setup import prepare_data
+
+    data = prepare_data(cfg, Path(cfg.run_dir), ParallelContext.single())
+    src = data.split_sources("train")
+    rows = []
+    for k in args.memory_ks:
+        plans = TileSampler([s.n_tiles for s in src], k=k, slides_per_step=1, seed=0).epoch(0)[: args.memory_steps]
+        ds = StepDataset(plans, src, dims=ParallelDims(world_size=1, tile_parallel=1), rank=0, chunk_tiles=args.chunk,
+                         part_tiles=1024)
+        budget = default_prefetch_tiles(3 * args.tile_px**2, ds.step_tiles)
+        loader = make_loader(ds, workers=args.workers, prefetch=prefetch_per_worker(budget, 1024, args.workers))
+        me = psutil.Process()
+        start = me.memory_info().rss
+        peak, stop = [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                total = me.memory_info().rss
+                for child in me.children(recursive=True):
+                    try:  # unique pages only: a forked worker shares the parent's, which RSS would count again
+                        total += child.memory_full_info().uss
+                    except psutil.Error:
+                        pass
+                peak[0] = max(peak[0], total)
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        for step in assemble_steps(loader, ds):
+            time.sleep(args.memory_hold_s)  # a slow consumer (the GPU step): the loader fills its budget
+            del step
+        stop.set()
+        thread.join()
+        step_mb = ds.step_tiles * 3 * args.tile_px**2 / 2**20
+        rows.append({"k": k, "step_mb": step_mb, "peak_growth_mb": (peak[0] - start) / 2**20,
+                     "in_steps": (peak[0] - start) / 2**20 / step_mb})
+        print(f"memory, K={k} ({step_mb:.0f} MB a step at {args.tile_px} px), {args.workers} worker(s): peak growth "
+              f"{rows[-1]['peak_growth_mb']:.0f} MB = {rows[-1]['in_steps']:.2f} steps (goal: about 2)")
+    return rows
 
 
 if __name__ == "__main__":

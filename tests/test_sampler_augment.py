@@ -99,3 +99,31 @@ def test_batched_device_augmentation_equals_the_per_tile_reference(settings: dic
     halves = [augment_batch(chw[s], aug, seed=3, epoch=2, slide=4, positions=positions[s])
               for s in (slice(0, 5), slice(5, None))]
     assert torch.equal(torch.cat(halves).permute(0, 2, 3, 1), torch.from_numpy(got))
+
+
+def test_steps_read_in_parts_reassemble_exactly_and_bound_what_is_in_flight(synth_cohort) -> None:
+    """A step split into parts of at most part_tiles tiles, read by workers in any number, is the same step."""
+    import torch
+
+    from fullslide.data.loader import SlideSource, StepDataset, assemble_steps, make_loader, prefetch_per_worker
+    from fullslide.engine import ParallelDims
+    from fullslide.slides import tile_slides
+
+    out = tile_slides([synth_cohort], synth_cohort.parent / "tiles_parts", target_mpp=2.0, tile_px=16)
+    sources = [SlideSource(r.slide_id, str(r.path), r.n_tiles, str(r.h5_path)) for r in out if r.n_tiles]
+    plans = TileSampler([s.n_tiles for s in sources], k=37, slides_per_step=2, seed=1).epoch(0)
+    dims = ParallelDims(world_size=2, tile_parallel=2)
+
+    def steps(part_tiles: int, workers: int):
+        ds = StepDataset(plans, sources, dims=dims, rank=1, chunk_tiles=8, part_tiles=part_tiles)
+        assert all(stop - start <= part_tiles for _, _, start, stop in ds.parts)
+        return ds, list(assemble_steps(make_loader(ds, workers=workers, prefetch=1), ds))
+
+    whole_ds, whole = steps(10_000, 0)
+    parts_ds, parts = steps(5, 2)
+    assert len(parts_ds) > 2 * len(whole_ds)  # really split
+    assert [s.step for s in parts] == [s.step for s in whole]
+    for a, b in zip(parts, whole):
+        assert a.positions == b.positions and a.k_totals == b.k_totals
+        assert all(torch.equal(x, y) for x, y in zip(a.data, b.data))
+    assert prefetch_per_worker(20_000, 1024, 8) == 2 and prefetch_per_worker(100, 1024, 8) == 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,8 +99,30 @@ class LoadedStep:
         return self
 
 
+@dataclass
+class LoadedPart:
+    """A piece of one slide's share for one step: at most ``part_tiles`` tiles, so what is in flight is bounded."""
+
+    step: int
+    position: int
+    data: torch.Tensor | None  # [k, 3, H, W] uint8 tiles or [k, D] features; None when reading failed
+    k_total: int
+    error: str = ""
+
+    def pin_memory(self) -> "LoadedPart":
+        """Called by the DataLoader when ``pin_memory=True`` (CUDA): page-locked tiles copy asynchronously."""
+        if self.data is not None:
+            self.data = self.data.pin_memory()
+        return self
+
+
 class StepDataset(Dataset):
-    """Item ``i``: this rank's share of every slide its group takes in ``plans[i]``."""
+    """Item ``i``: one part (at most ``part_tiles`` tiles) of this rank's share of a slide of a step.
+
+    Steps are read as several parts so that loader workers share a big step (K = 20,000 tiles) and the memory
+    in flight is counted in tiles (``parts in flight x part_tiles``), not in steps; :func:`assemble_steps` puts
+    the parts of each step back together, in order.
+    """
 
     def __init__(
         self,
@@ -112,37 +134,84 @@ class StepDataset(Dataset):
         chunk_tiles: int,
         use_features: bool = False,
         backend: str = "auto",
+        part_tiles: int = 1024,
     ) -> None:
         self.plans = list(plans)
         self.sources = list(sources)
-        self.dims, self.rank = dims, rank
-        self.chunk_tiles = chunk_tiles
         self.use_features = use_features
         self.reader = TileReader(backend)
+        tp_rank, tp_size = dims.tp_rank(rank), dims.tile_parallel
+        self.parts: list[tuple[int, int, int, int]] = []  # (plan index, position, start, stop)
+        self.parts_per_step: list[int] = []
+        self.step_tiles = 0  # this rank's tiles in its largest step
+        for i, plan in enumerate(self.plans):
+            before = len(self.parts)
+            for pos in slides_for_group(len(plan.slides), dims.slide_groups, dims.group_of(rank)):
+                start, stop = rank_tile_range(len(plan.tiles[pos]), chunk_tiles, tp_rank, tp_size)
+                cuts = list(range(start, stop, max(1, part_tiles))) or [start]
+                self.parts += [(i, pos, a, min(a + part_tiles, stop)) for a in cuts]
+            self.parts_per_step.append(len(self.parts) - before)
+            self.step_tiles = max(self.step_tiles, sum(b - a for _, _, a, b in self.parts[before:]))
 
     def __len__(self) -> int:
-        return len(self.plans)
+        return len(self.parts)
 
-    def __getitem__(self, i: int) -> LoadedStep:
-        plan = self.plans[i]
+    def __getitem__(self, i: int) -> LoadedPart:
+        plan_index, pos, start, stop = self.parts[i]
+        plan = self.plans[plan_index]
+        source, tiles = self.sources[plan.slides[pos]], plan.tiles[pos]
+        try:
+            if self.use_features:
+                data = torch.from_numpy(self.reader.features(source, tiles[start:stop]))
+            else:
+                data = self.reader.tiles(source, tiles[start:stop])
+        except Exception as exc:  # one bad slide must not stop the run: report it, skip it this step
+            return LoadedPart(plan.step, pos, None, len(tiles), _one_line(exc, source))
+        return LoadedPart(plan.step, pos, data, len(tiles))
+
+
+def assemble_steps(parts: Iterable[LoadedPart], dataset: StepDataset) -> Iterator[LoadedStep]:
+    """The parts yielded in order by a loader over ``dataset``, joined into one :class:`LoadedStep` per step."""
+    it = iter(parts)
+    for plan, n_parts in zip(dataset.plans, dataset.parts_per_step):
         out = LoadedStep(step=plan.step)
-        tp_rank, tp_size = self.dims.tp_rank(self.rank), self.dims.tile_parallel
-        for pos in slides_for_group(len(plan.slides), self.dims.slide_groups, self.dims.group_of(self.rank)):
-            slide_index, tiles = plan.slides[pos], plan.tiles[pos]
-            source = self.sources[slide_index]
-            start, stop = rank_tile_range(len(tiles), self.chunk_tiles, tp_rank, tp_size)
-            try:
-                if self.use_features:
-                    data = torch.from_numpy(self.reader.features(source, tiles[start:stop]))
-                else:
-                    data = self.reader.tiles(source, tiles[start:stop])
-            except Exception as exc:  # one bad slide must not stop the run: report it, skip it this step
-                out.failures.append((pos, _one_line(exc, source)))
+        pieces: dict[int, list[torch.Tensor]] = {}
+        k_totals: dict[int, int] = {}
+        errors: dict[int, str] = {}
+        for _ in range(n_parts):
+            part = next(it)
+            k_totals[part.position] = part.k_total
+            if part.error:
+                errors.setdefault(part.position, part.error)
+            else:
+                pieces.setdefault(part.position, []).append(part.data)
+        for pos in k_totals:
+            if pos in errors:
+                out.failures.append((pos, errors[pos]))
                 continue
+            chunks = pieces.get(pos, [])
             out.positions.append(pos)
-            out.data.append(data)
-            out.k_totals.append(len(tiles))
-        return out
+            out.data.append(chunks[0] if len(chunks) == 1 else torch.cat(chunks))
+            out.k_totals.append(k_totals[pos])
+        yield out
+
+
+def default_prefetch_tiles(tile_bytes: int, step_tiles: int, fraction: float = 0.25) -> int:
+    """Tiles the loader may hold in flight: one step's worth (so, with the step being trained on, about two steps
+    are in memory), and never more than ``fraction`` of the memory available now (Linux ``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in fh if ln.split()}
+        available = info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        available = 0
+    ram_tiles = max(1, int(available * fraction) // max(1, tile_bytes)) if available else 65_536
+    return max(1, min(ram_tiles, step_tiles))
+
+
+def prefetch_per_worker(prefetch_tiles: int, part_tiles: int, workers: int) -> int:
+    """Parts each worker may read ahead so that ``workers x prefetch x part_tiles`` <= ``prefetch_tiles`` (>= 1)."""
+    return max(1, prefetch_tiles // max(1, part_tiles * max(1, workers)))
 
 
 @dataclass

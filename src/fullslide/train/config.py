@@ -108,7 +108,8 @@ class TrainConfig:
     class_weights: list[float] | Literal["balanced"] | None = _f(None, "loss weights per class, balanced, or null")
     tile_parallel: int = _f(1, "ranks that share one slide (torchrun world must be divisible by it)")
     loader_workers: int = _f(2, "processes reading tiles ahead of the step")
-    prefetch_steps: int = _f(2, "steps each loader worker reads ahead")
+    prefetch_tiles: int | None = _f(None, "tiles the loader may hold in flight (null: one step's, at most 1/4 of free RAM)")
+    part_tiles: int = _f(1024, "tiles per loader item: a big step is read by several workers in parts")
     seed: int = _f(0, "seed of initialisation, sampling, augmentation and dropout")
     selection_metric: str = _f("auto", "validation metric for the best checkpoint (auto: task default, or loss)")
     patience: int = _f(0, "stop after this many epochs without improvement (0: never)")
@@ -153,6 +154,9 @@ class Config:
             (self.train.chunk_tiles >= 1, "train.chunk_tiles", "must be >= 1"),
             (self.train.tile_parallel >= 1, "train.tile_parallel", "must be >= 1"),
             (self.train.loader_workers >= 0, "train.loader_workers", "must be >= 0"),
+            (self.train.part_tiles >= 1, "train.part_tiles", "must be >= 1"),
+            (self.train.prefetch_tiles is None or self.train.prefetch_tiles >= 1, "train.prefetch_tiles",
+             "must be >= 1 or null"),
             (self.encoder.frozen_epochs >= 0, "encoder.frozen_epochs", "must be >= 0"),
             (0 < self.encoder.layer_decay <= 1, "encoder.layer_decay", "must be in (0, 1]"),
             (self.encoder.lora_rank >= 0, "encoder.lora_rank", "must be >= 0"),

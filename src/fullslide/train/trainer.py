@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from fullslide.data.augment import Augment, augment_batch
-from fullslide.data.loader import StepDataset, make_loader
+from fullslide.data.loader import (StepDataset, assemble_steps, default_prefetch_tiles, make_loader,
+                                   prefetch_per_worker)
 from fullslide.data.sampler import TileSampler, step_seed
 from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_parallel, rank_tile_range,
                               shutdown_parallel, step)
@@ -268,13 +269,17 @@ class Trainer:
         aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
         # loader workers only read and decode; augmentation runs batched on the encoder's device (augment_batch)
         dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=cfg.train.chunk_tiles,
-                              use_features=cfg.encoder.freeze, backend=cfg.data.backend)
-        loader = make_loader(dataset, workers=cfg.train.loader_workers, prefetch=cfg.train.prefetch_steps,
+                              use_features=cfg.encoder.freeze, backend=cfg.data.backend,
+                              part_tiles=cfg.train.part_tiles)
+        tile_bytes = 3 * cfg.data.tile_px**2 if not cfg.encoder.freeze else 4 * 4096  # uint8 tiles / float features
+        budget = cfg.train.prefetch_tiles or default_prefetch_tiles(tile_bytes, dataset.step_tiles)
+        loader = make_loader(dataset, workers=cfg.train.loader_workers,
+                             prefetch=prefetch_per_worker(budget, cfg.train.part_tiles, cfg.train.loader_workers),
                              pin_memory=ctx.device.type == "cuda")
         bar = progress_bar(self.sampler.slides_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}",
                            self.progress and self.rank0, initial=acc["slides"] + acc["skipped"])
         tick = time.perf_counter()
-        for loaded in loader:
+        for loaded in assemble_steps(loader, dataset):
             plan = plans[loaded.step]
             self.state["accum"] = acc
             failed_list, stop = _agree(ctx, len(plan.slides), loaded.failures, self.stop.is_set())
