@@ -113,9 +113,9 @@ def _peak_tflops() -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
 
 
-def run_config(cfg: dict, timeout_s: float, env: dict | None = None) -> dict:
-    """One configuration in a fresh process; a killed process (host OOM) is reported as such."""
-    cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
+def run_config(cfg: dict, timeout_s: float, env: dict | None = None, script: str = __file__) -> dict:
+    """One configuration in a fresh process (``script --worker CFG``); a killed process (host OOM) is reported."""
+    cmd = [sys.executable, script, "--worker", json.dumps(cfg)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                               env=None if env is None else {**os.environ, **env})

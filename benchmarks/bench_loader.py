@@ -62,7 +62,8 @@ def config(work: Path, cohort: Path, tiles: Path, args: argparse.Namespace, run:
         "encoder": {"name": "tinycnn", "lr": 1e-4},
         "aggregator": {"name": "gma", "lr": 1e-4},
         "train": {"epochs": args.epochs, "tiles_per_slide": args.k, "slides_per_step": 1, "chunk_tiles": args.chunk,
-                  "loader_workers": args.workers, "device": "cpu", "precision": "fp32"},
+                  "loader_workers": args.workers, "device": args.device,
+                  "precision": "fp32" if args.device == "cpu" else "bf16"},
         "eval": {"validate_every": 1000},
     })
 
@@ -132,23 +133,27 @@ def train_vs_engine(cfg, args: argparse.Namespace) -> dict:
     plans = TileSampler([s.n_tiles for s in src], k=args.k, slides_per_step=1, seed=cfg.train.seed).epoch(1)
     dataset = StepDataset(plans, src, dims=ParallelDims(world_size=1, tile_parallel=1), rank=0, chunk_tiles=args.chunk)
     items = list(assemble_steps((dataset[i] for i in range(len(dataset))), dataset))  # the epoch's tiles, in memory
-    model = build_model(cfg, 2)
+    device = torch.device("cuda" if args.device == "cuda" else "cpu")
+    model = build_model(cfg, 2).to(device)
     opt = make_optimizer(cfg, model)
     loss_fn = make_loss("classification", n_classes=2)
     aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
     model.train()
     targets = torch.tensor([0])
+    amp = torch.bfloat16 if device.type == "cuda" else None
     times = []
     for _ in range(2):  # the second pass is the steady one
         start = time.perf_counter()
         for plan, item in zip(plans, items):
-            tiles = augment_batch(item.data[0], aug, seed=0, epoch=1, slide=plan.slides[0],
+            tiles = augment_batch(item.data[0].to(device), aug, seed=0, epoch=1, slide=plan.slides[0],
                                   positions=np.arange(len(plan.tiles[0])))
             step(model, [Bag(index=0, tiles=tiles)], targets, loss_fn, mode=cfg.train.mode,
-                 chunk_tiles=args.chunk, step_seed=step_seed(0, 1, plan.step))
+                 chunk_tiles=args.chunk, step_seed=step_seed(0, 1, plan.step), amp_dtype=amp)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     n_tiles = sum(len(p.tiles[0]) for p in plans)
     engine_tps = n_tiles / times[-1]
@@ -166,6 +171,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the engine runs (cuda: bf16)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=("loader", "train", "memory"), default=None)
