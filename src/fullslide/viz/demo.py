@@ -39,7 +39,7 @@ def _config(out: Path, name: str, cohort: Path, tiles: Path, seed: int, epochs: 
                  "fractions": [0.5, 0.2, 0.3], "split_seed": seed},
         "encoder": {"name": "tinycnn", "weights": str(out / "encoder_init.safetensors"), "lr": 1e-4},
         "aggregator": {"name": "gma", "lr": 1e-3},
-        "train": {"epochs": epochs, "tiles_per_slide": 128, "slides_per_step": 2, "chunk_tiles": 64,
+        "train": {"epochs": epochs, "tiles_per_slide": 256, "slides_per_step": 2, "chunk_tiles": 64,
                   "warmup_epochs": 0.5, "min_lr_ratio": 0.1, "selection_metric": "loss", "loader_workers": 1,
                   "seed": seed},
         "eval": {"chunk_tiles": 256, "bootstrap": 1000},
