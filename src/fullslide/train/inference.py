@@ -2,8 +2,9 @@
 
 Tiles stream from loader workers chunk by chunk (``SlideChunks``); each slide's features are accumulated
 (``[K, D]``, no graph) and the aggregator runs once per slide, so memory is bounded by one chunk plus the
-features. Under torchrun the slides are split over all ranks and the results gathered. A slide that fails
-to read is reported with its one-line error and left out; the others go on.
+features. Under torchrun the slides are split over the slide groups and, inside a tile-parallel group, each
+slide's tiles over its ranks (features gathered once per slide); the results are gathered on every rank. A
+slide that fails to read is reported with its one-line error and left out; the others go on.
 """
 
 from __future__ import annotations
