@@ -175,12 +175,8 @@ class Slide:
             region = self._backend.read_region(level0_xy, level, size_wh)
         except SlideError:
             raise
-        except Exception as exc:  # library errors vary (OpenSlideError, ValueError, zlib, JPEG...)
-            raise SlideError(
-                self.path,
-                f"cannot read region {size_wh} at level {level}, level-0 {level0_xy} "
-                f"({type(exc).__name__}: {_one_line(exc)}); the file may be truncated or corrupt",
-            ) from exc
+        except Exception as exc:
+            raise self._read_error(exc, f"region {size_wh} at level {level}, level-0 {level0_xy}") from exc
         if region.shape != (size_wh[1], size_wh[0], 3) or region.dtype != np.uint8:
             raise SlideError(self.path, f"backend returned {region.shape} {region.dtype} for {size_wh}")
         return region
@@ -199,26 +195,23 @@ class Slide:
         tile_px, read_px = geometry.tile_px, geometry.read_px
         if geometry.level >= self.level_count:
             raise SlideError(self.path, f"geometry reads level {geometry.level}, slide has {self.level_count}")
-        if channels_first:
-            if out is None and read_px == tile_px and callable(getattr(self._backend, "read_regions", None)):
-                regions = self._read_bulk(coords, geometry.level, (read_px, read_px), channels_first=True)
-                if regions is not None:
-                    return regions
-            return np.ascontiguousarray(self.read_tiles(coords, geometry).transpose(0, 3, 1, 2))
-        if out is None:
-            out = np.empty((coords.shape[0], tile_px, tile_px, 3), dtype=np.uint8)
-        elif out.shape != (coords.shape[0], tile_px, tile_px, 3) or out.dtype != np.uint8:
-            raise ValueError(f"out must be uint8 {(coords.shape[0], tile_px, tile_px, 3)}, got {out.shape}")
         level, size = geometry.level, (read_px, read_px)
         level_w, level_h = self.level_dimensions[level]
         level_xy = np.floor(coords / self.level_downsamples[level] + 1e-9)
         inside = ((level_xy >= 0).all(axis=1) & (level_xy[:, 0] + read_px <= level_w)
                   & (level_xy[:, 1] + read_px <= level_h)).tolist()
-        if read_px == tile_px:  # the common case: in one vectorised pass where the backend can
-            regions = self._read_bulk(coords, level, size)
-            if regions is not None:
-                out[:] = regions
-                return out
+        # the common case, in one vectorised pass where the backend can
+        bulk = self._read_bulk(coords, level, size, channels_first) if read_px == tile_px and all(inside) else None
+        if channels_first:
+            return bulk if bulk is not None else np.ascontiguousarray(
+                self.read_tiles(coords, geometry).transpose(0, 3, 1, 2))
+        if out is None:
+            out = np.empty((coords.shape[0], tile_px, tile_px, 3), dtype=np.uint8)
+        elif out.shape != (coords.shape[0], tile_px, tile_px, 3) or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {(coords.shape[0], tile_px, tile_px, 3)}, got {out.shape}")
+        if bulk is not None:
+            out[:] = bulk
+            return out
         for i, (x, y) in enumerate(coords.tolist()):
             # in-bounds tiles (nearly all) skip read_region's checks and padding: this loop is the hot path
             region = self._read_backend((x, y), level, size) if inside[i] else self.read_region((x, y), level, size)
@@ -226,23 +219,22 @@ class Slide:
         return out
 
     def _read_bulk(self, coords: np.ndarray, level: int, size: tuple[int, int],
-                   channels_first: bool = False) -> np.ndarray | None:
-        """The backend's ``read_regions`` for in-bounds regions (None if it has none or cannot), errors in one line."""
+                   channels_first: bool) -> np.ndarray | None:
+        """The backend's ``read_regions`` for in-bounds regions (None if it has none), errors in one line."""
         bulk = getattr(self._backend, "read_regions", None)
         if not callable(bulk):
-            return None
-        level_w, level_h = self.level_dimensions[level]
-        level_xy = np.floor(coords / self.level_downsamples[level] + 1e-9)
-        if not ((level_xy >= 0).all() and (level_xy[:, 0] + size[0] <= level_w).all()
-                and (level_xy[:, 1] + size[1] <= level_h).all()):
             return None
         try:
             return bulk([tuple(xy) for xy in coords.tolist()], level, size, channels_first=channels_first)
         except SlideError:
             raise
-        except Exception as exc:  # as in _read_backend: one line naming the file
-            raise SlideError(self.path, f"cannot read {len(coords)} regions {size} at level {level} "
-                             f"({type(exc).__name__}: {_one_line(exc)}); the file may be truncated or corrupt") from exc
+        except Exception as exc:
+            raise self._read_error(exc, f"{len(coords)} regions {size} at level {level}") from exc
+
+    def _read_error(self, exc: BaseException, what: str) -> SlideError:
+        """A backend failure as one line naming the file (library errors vary: OpenSlideError, zlib, JPEG...)."""
+        return SlideError(self.path, f"cannot read {what} ({type(exc).__name__}: {_one_line(exc)}); "
+                                     "the file may be truncated or corrupt")
 
     def thumbnail(self, max_size: int, progress: Callable[[float], None] | None = None) -> np.ndarray:
         """The whole slide, uint8 [h, w, 3], longest side ``max_size`` (never upscaled).

@@ -57,41 +57,29 @@ class OpenSlideBackend(SlideBackend):
         return dict(self._slide.properties)
 
     def read_region(self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        if _DIRECT is not None and hasattr(self._slide, "_osr") and min(size_wh) > 0:
-            return self._read_direct(level0_xy, level, size_wh)
-        return self._read_pil(level0_xy, level, size_wh)
+        regions = self.read_regions([level0_xy], level, size_wh)
+        return regions[0] if regions is not None else self._read_pil(level0_xy, level, size_wh)
 
     def _read_direct(self, level0_xy: tuple[int, int], level: int, size_wh: tuple[int, int]) -> np.ndarray:
-        """OpenSlide's C reader straight into a numpy buffer: no PIL image, no RGBA repacking (as fast as a bare
-        ``read_region``, which stops at the PIL image). Pixels are premultiplied ARGB words (B, G, R, A bytes)."""
-        width, height = size_wh
-        buf = np.empty((height, width), dtype=np.uint32)
-        _DIRECT(self._slide._osr, buf.ctypes.data_as(_UINT32_P), int(level0_xy[0]), int(level0_xy[1]), int(level),
-                width, height)  # raises OpenSlideError (via openslide-python's error check) on failure
-        bgra = buf.view(np.uint8).reshape(height, width, 4)
-        rgb = bgra[..., 2::-1]  # a view: copied once by the caller's assignment
-        alpha = bgra[..., 3]
-        if alpha.min() == 255:
-            return rgb
-        # transparent pixels (outside scanned areas) composite onto white: premultiplied c + (255 - a)
-        return (rgb.astype(np.uint16) + (255 - alpha[..., None].astype(np.uint16))).clip(0, 255).astype(np.uint8)
+        """One region through :meth:`read_regions` (OpenSlide's C reader straight into numpy, no PIL image)."""
+        return self.read_regions([level0_xy], level, size_wh)[0]
 
     def read_regions(self, level0_xys: list[tuple[int, int]], level: int, size_wh: tuple[int, int],
                      channels_first: bool = False) -> np.ndarray | None:
         """Many same-sized regions at once, uint8 ``[n, h, w, 3]`` (``[n, 3, h, w]`` with ``channels_first``):
-        every region is read straight into one buffer and converted in one vectorised pass per channel (None
-        where the direct reader is unavailable)."""
+        every region is read by OpenSlide's C function straight into one buffer of premultiplied ARGB words
+        (B, G, R, A bytes) and converted in one vectorised pass per channel (None where the direct reader is
+        unavailable). As fast as a bare ``read_region``, which stops at a PIL image."""
         if _DIRECT is None or not hasattr(self._slide, "_osr") or min(size_wh) <= 0:
             return None
-        width, height = size_wh
-        buf = np.empty((len(level0_xys), height, width), dtype=np.uint32)
+        (width, height), n = size_wh, len(level0_xys)
+        buf = np.empty((n, height, width), dtype=np.uint32)
         stride = height * width * 4
         base = buf.ctypes.data
         for i, (x, y) in enumerate(level0_xys):
             _DIRECT(self._slide._osr, ctypes.cast(base + i * stride, _UINT32_P), int(x), int(y), int(level),
                     width, height)
-        bgra = buf.view(np.uint8).reshape(len(level0_xys), height, width, 4)
-        n = len(level0_xys)
+        bgra = buf.view(np.uint8).reshape(n, height, width, 4)
         out = np.empty((n, 3, height, width) if channels_first else (n, height, width, 3), dtype=np.uint8)
         planes = out if channels_first else np.moveaxis(out, 3, 1)  # [n, 3, h, w] view either way
         for c in range(3):  # one plane at a time: 3x faster than copying the reversed-channel view

@@ -80,9 +80,8 @@ def predict_slides(
 ) -> list[SlidePrediction]:
     """Predict every slide from all its tiles (or features); results in ``sources`` order on every rank.
 
-    Slides are split over the slide groups; inside a tile-parallel group each rank reads and encodes its share
-    of every slide's tiles (whole chunks of the global layout, as in training), the features are gathered once
-    per slide and the group's first rank runs the aggregator. The result equals single-process inference.
+    Features come from :func:`slide_features` (tile-parallel under torchrun); the group's first rank runs the
+    aggregator. The result equals single-process inference.
     """
     ctx = parallel or ParallelContext.single(next(model.parameters()).device)
     model.eval()
