@@ -255,3 +255,13 @@ def test_channels_first_tiles_equal_the_transposed_tiles(real_svs: Path, backend
         inside = slide.read_tiles(coords[:3], geometry, channels_first=True)  # the bulk path where it applies
     assert chw.flags["C_CONTIGUOUS"] and np.array_equal(chw, hwc.transpose(0, 3, 1, 2))
     assert np.array_equal(inside, hwc[:3].transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_reading_no_tiles_gives_an_empty_batch(real_svs: Path, backend: str) -> None:
+    """A tile-parallel rank can hold no tile of a slide: reading an empty list is an empty batch, not an error."""
+    with open_slide(real_svs, backend=backend) as slide:
+        geometry = plan_tile_geometry(slide.require_mpp(), slide.level_downsamples, 0.499, 64)
+        empty = np.zeros((0, 2), dtype=np.int64)
+        assert slide.read_tiles(empty, geometry).shape == (0, 64, 64, 3)
+        assert slide.read_tiles(empty, geometry, channels_first=True).shape == (0, 3, 64, 64)

@@ -85,7 +85,7 @@ class OpenSlideBackend(SlideBackend):
         for c in range(3):  # one plane at a time: 3x faster than copying the reversed-channel view
             planes[:, c] = bgra[..., 2 - c]
         alpha = bgra[..., 3]
-        partial = np.flatnonzero(alpha.reshape(n, -1).min(axis=1) < 255)
+        partial = np.flatnonzero(alpha.min(axis=(1, 2)) < 255)  # (an empty list of regions gives none)
         for i in partial.tolist():  # rare: transparent pixels composite onto white (premultiplied c + 255 - a)
             white = 255 - alpha[i].astype(np.uint16)
             white = white[None] if channels_first else white[..., None]
