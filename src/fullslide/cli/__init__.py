@@ -26,7 +26,7 @@ class _Formatter(logging.Formatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand attached."""
-    from fullslide.cli import app_cmds, engine_cmds, io_cmds
+    from fullslide.cli import app_cmds, engine_cmds, experiment_cmds, io_cmds
 
     parser = argparse.ArgumentParser(
         prog="fullslide",
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fullslide {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (io_cmds, engine_cmds, app_cmds):
+    for module in (io_cmds, engine_cmds, app_cmds, experiment_cmds):
         module.register(sub)
     return parser
 

@@ -91,6 +91,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tissue-fraction", type=float, default=0.35, help="share of the slide covered by tissue (0.35)")
     p.add_argument("--stain-variation", type=float, default=0.12,
                    help="per-patient haematoxylin/eosin strength varies by up to this factor, like sites do (0.12)")
+    p.add_argument("--lesion-contrast", type=float, default=1.0,
+                   help="how far lesions differ from normal tissue, 0-1 (1); lower is a subtler signal")
+    p.add_argument("--diffuse-strength", type=float, default=1.0, help="strength of the diffuse signal (1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same cohort")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes (over slides, or over strips of one slide)")
     p.set_defaults(func=cmd_synth)
@@ -166,7 +169,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     csv_path = make_cohort(
         args.out, args.slides, signal=args.signal, size=args.size, mpp=args.mpp, lesion_fraction=args.lesion_fraction,
         positive_fraction=args.positive_fraction, seed=args.seed, tissue_fraction=args.tissue_fraction,
-        stain_variation=args.stain_variation, workers=args.workers,
+        stain_variation=args.stain_variation, lesion_contrast=args.lesion_contrast,
+        diffuse_strength=args.diffuse_strength, workers=args.workers,
     )
     print(csv_path)
     return 0

@@ -51,7 +51,7 @@ class SynthSlide:
 
 def plan_cohort(
     n_slides: int, *, signal: Signal, lesion_fraction: float, positive_fraction: float, seed: int, diffuse_strength: float,
-    stain_variation: float = 0.12,
+    stain_variation: float = 0.12, lesion_contrast: float = 1.0,
 ) -> list[SynthSlide]:
     """Patients, labels, seeds and stains of a cohort; every third patient has two slides."""
     groups: list[list[int]] = []
@@ -69,6 +69,8 @@ def plan_cohort(
         for s in members:
             look = Appearance(h_scale=float(stain[0]), e_scale=float(stain[1]),
                               diffuse=diffuse_strength if (label and signal == "diffuse") else 0.0)
+            if lesion_contrast != 1.0:
+                look = look.subtle(lesion_contrast)
             slides.append(SynthSlide(
                 slide_id=f"synth_{s:04d}", patient_id=f"patient_{p:04d}", label=label,
                 seed=int(np.random.SeedSequence([seed, 2, s]).generate_state(1)[0]), appearance=look,
@@ -90,6 +92,7 @@ def make_cohort(
     tissue_fraction: float = 0.35,
     diffuse_strength: float = 1.0,
     stain_variation: float = 0.12,
+    lesion_contrast: float = 1.0,
     workers: int = 1,
 ) -> Path:
     """Write a synthetic cohort into ``out_dir`` and return the labels CSV path."""
@@ -111,8 +114,11 @@ def make_cohort(
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not 0 <= stain_variation < 1:
         raise ConfigError(f"synth: stain variation must be in [0, 1), got {stain_variation}")
+    if not 0 < lesion_contrast <= 1:
+        raise ConfigError(f"synth: lesion contrast must be in (0, 1], got {lesion_contrast}")
     plan = plan_cohort(n_slides, signal=signal, lesion_fraction=lesion_fraction, positive_fraction=positive_fraction,
-                       seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation)
+                       seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation,
+                       lesion_contrast=lesion_contrast)
     args = [(out, s, (width, height), mpp, tissue_fraction) for s in plan]
     if workers > 1 and n_slides > 1:
         import multiprocessing

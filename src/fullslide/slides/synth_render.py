@@ -47,6 +47,19 @@ class Appearance:
     """Per-slide (per-patient) eosin staining intensity."""
     diffuse: float = 0.0
     """Strength of the diffuse signal (0 = none): more nuclei, bluer background, everywhere."""
+    lesion_contrast: float = 1.0
+    """How much a lesion's background differs from normal tissue (1 = full, 0 = not at all); see ``subtle``."""
+
+    def subtle(self, contrast: float) -> "Appearance":
+        """The same look with lesions ``contrast`` of the way from normal tissue to the default lesion (0..1]:
+        nucleus density, size and darkness and the lesion's background tint all move together."""
+        def mix(normal: float, lesion: float) -> float:
+            return normal + contrast * (lesion - normal)
+
+        return dataclasses.replace(
+            self, lesion_contrast=contrast, lesion_density=mix(self.normal_density, self.lesion_density),
+            lesion_sigma_um=mix(self.normal_sigma_um, self.lesion_sigma_um),
+            lesion_darkness=mix(self.normal_darkness, self.lesion_darkness))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +181,8 @@ def render_region(layout: SlideLayout, x0: int, y0: int, width: int, height: int
     lesion = _ramp(upsample(layout.lesion_sdf, xs, ys, layout.layout_ds), 2 * um)
     coarse = value_noise(xs, ys, 45 * um, 45 * um, seed, 3)
     fibres = value_noise(xs, ys, 3 * um, 16 * um, seed, 4)
-    eosin = (0.22 + 0.30 * coarse + 0.20 * fibres) * (1 - 0.3 * lesion) * (1 - 0.05 * look.diffuse)
-    haem = 0.05 + 0.05 * coarse + 0.10 * lesion + 0.05 * look.diffuse + _nuclei(layout, x0, y0, width, height)
+    eosin = (0.22 + 0.30 * coarse + 0.20 * fibres) * (1 - 0.3 * look.lesion_contrast * lesion) * (1 - 0.05 * look.diffuse)
+    haem = 0.05 + 0.05 * coarse + 0.10 * look.lesion_contrast * lesion + 0.05 * look.diffuse + _nuclei(layout, x0, y0, width, height)
     od = tissue[..., None] * (haem[..., None] * (look.h_scale * H_OD) + eosin[..., None] * (look.e_scale * E_OD))
     rgb = GLASS_RGB * np.exp(-od)
     grain = value_noise(xs, ys, 1.0, 1.0, seed, 5) - 0.5  # per-pixel grain, also position-determined

@@ -334,6 +334,7 @@ class Trainer:
             "lr_aggregator": self.optimizer.param_groups[-1]["lr"],
             "slides_per_s": acc["slides"] / max(1e-9, acc["seconds"]),
             "tiles_per_s": acc["tiles"] / max(1e-9, acc["seconds"]),
+            "train_tiles": acc["tiles"],
             "skipped_slides": acc["skipped"],
             "train_seconds": acc["seconds"],
         }

@@ -1,0 +1,80 @@
+"""Subcommands that reproduce the paper's findings: ``pretrain`` and ``experiment {k-sweep,e2e-vs-frozen}``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fullslide.errors import ConfigError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Attach ``pretrain`` and ``experiment``."""
+    p = sub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of a tile encoder on tiled slides",
+                       description="Pretrain an encoder without labels on the tiles of every slide tiled into "
+                       "COORDS_DIR (`fullslide tile`); writes the backbone's weights as safetensors for "
+                       "encoder.weights.")
+    p.add_argument("coords_dir", type=Path, help="folder made by `fullslide tile` (patches/*.h5)")
+    p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--encoder", default="tinycnn", help="encoder name (tinycnn, a timm name, ...)")
+    p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (8)")
+    p.add_argument("--tiles-per-slide", type=_positive_int, default=256, help="tiles sampled once per slide (256)")
+    p.add_argument("--batch", type=_positive_int, default=256, help="tiles per batch; 2x views (256)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, cosine decay (2e-3)")
+    p.add_argument("--temperature", type=float, default=0.2, help="contrastive temperature (0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, views and initialisation (0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("experiment", help="reproduce the paper's findings: k-sweep, e2e-vs-frozen (EXPERIMENTS.md)")
+    which = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    for name, help_text in (("k-sweep", "more tiles per slide (K) -> lower training loss, higher AUC?"),
+                            ("e2e-vs-frozen", "end-to-end fine-tuning vs the same pretrained encoder frozen")):
+        q = which.add_parser(name, help=help_text)
+        q.add_argument("--out", type=Path, required=True, help="experiment folder (rerun the command to resume)")
+        if name == "k-sweep":
+            q.add_argument("--ks", default="8,32,128,512,all", help="values of K (8,32,128,512,all)")
+        else:
+            q.add_argument("--signals", default="focal,diffuse", help="cohort signals (focal,diffuse)")
+        q.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (3)")
+        q.add_argument("--seed-offset", type=int, default=0, help="first seed (0)")
+        q.add_argument("--quick", action="store_true", help="a small plumbing check (< 3 min on 2 cores)")
+        q.set_defaults(func=cmd_experiment)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from fullslide.train.pretrain import PretrainSettings, pretrain
+
+    settings = PretrainSettings(encoder=args.encoder, epochs=args.epochs, tiles_per_slide=args.tiles_per_slide,
+                                batch=args.batch, lr=args.lr, temperature=args.temperature, seed=args.seed)
+    record = pretrain(args.coords_dir, args.out, settings, device=args.device, progress=not args.no_progress)
+    print(f"{args.out}: {record['tiles']} tiles of {record['slides']} slides, contrastive loss "
+          f"{record['loss_by_epoch'][0]:.3f} -> {record['loss_by_epoch'][-1]:.3f} in {record['seconds']:.0f} s")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    if args.experiment == "k-sweep":
+        from fullslide.experiments import k_sweep
+
+        report = k_sweep.run(args.out, ks=k_sweep.parse_ks(args.ks), seeds=args.seeds, seed_offset=args.seed_offset,
+                             quick=args.quick)
+    else:
+        from fullslide.experiments import e2e_vs_frozen
+
+        signals = [s.strip() for s in args.signals.split(",") if s.strip()]
+        bad = [s for s in signals if s not in ("focal", "diffuse")]
+        if bad or not signals or len(set(signals)) != len(signals):
+            raise ConfigError(f"--signals {args.signals!r}: give distinct values among focal, diffuse")
+        report = e2e_vs_frozen.run(args.out, signals=signals, seeds=args.seeds, seed_offset=args.seed_offset,
+                                   quick=args.quick)
+    print(report)
+    return 0

@@ -1,0 +1,171 @@
+"""What both experiments share: a cached synthetic cohort, a cached pretrained encoder, one run = train + test.
+
+An experiment folder holds ``workspace/`` (cohorts, tiles, the pretrained encoder; each stage records the settings
+it was made with and is rebuilt only when they change) and ``runs/NAME/`` (one training run each, and its
+``result.json`` written atomically when the run has been trained *and* evaluated). A rerun of the same command
+skips every run that has a ``result.json``: an interrupted experiment resumes at the first unfinished run (a run
+interrupted half-way starts again from scratch, so that every result comes from one uninterrupted schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fullslide.atomic import atomic_write_text
+
+log = logging.getLogger("fullslide.experiment")
+TILE_PX, TARGET_MPP = 32, 1.0  # 32 px tiles at 1 um/px: tinycnn-sized, as the CPU budget requires
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CohortSpec:
+    """A synthetic cohort (see ``fullslide.slides.synth.make_cohort``)."""
+
+    slides: int
+    size: int
+    signal: str = "focal"
+    lesion_fraction: float = 0.01
+    lesion_contrast: float = 1.0
+    diffuse_strength: float = 1.0
+    stain_variation: float = 0.35
+    seed: int = 0
+
+
+def _stage(folder: Path, settings: dict[str, Any], build: Callable[[], None]) -> None:
+    """Run ``build`` unless ``folder/stage.json`` records the same settings (then the folder is reused)."""
+    marker = folder / "stage.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    build()
+    atomic_write_text(marker, json.dumps(settings, indent=1))
+
+
+def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2) -> tuple[Path, Path]:
+    """Synthesize and tile ``spec`` under ``root/name`` (cached); returns (labels CSV, tiles folder)."""
+    from fullslide.slides import tile_slides
+    from fullslide.slides.synth import make_cohort
+
+    folder = root / name
+
+    def build() -> None:
+        t0 = time.perf_counter()
+        csv = make_cohort(folder / "cohort", spec.slides, signal=spec.signal, size=(spec.size, spec.size), mpp=0.5,
+                          lesion_fraction=spec.lesion_fraction, lesion_contrast=spec.lesion_contrast,
+                          diffuse_strength=spec.diffuse_strength, stain_variation=spec.stain_variation,
+                          seed=spec.seed, workers=workers)
+        results = tile_slides([csv], folder / "tiles", target_mpp=TARGET_MPP, tile_px=TILE_PX, workers=workers)
+        bad = [r for r in results if r.failed]
+        if bad:
+            log.warning("%s: %d slide(s) failed tiling: %s", name, len(bad), bad[0].message)
+        log.info("cohort %s: %d slides synthesized and tiled in %.0f s", name, spec.slides, time.perf_counter() - t0)
+
+    _stage(folder, {"cohort": dataclasses.asdict(spec), "tile_px": TILE_PX, "target_mpp": TARGET_MPP}, build)
+    return folder / "cohort" / "labels.csv", folder / "tiles"
+
+
+def prepare_encoder(root: Path, spec: CohortSpec, settings: Any) -> Path:
+    """The "foundation model": ``settings`` (PretrainSettings) of SimCLR on a separate, label-free cohort
+    ``spec`` (cached). Returns the weights file."""
+    from fullslide.train.pretrain import pretrain
+
+    _, tiles = prepare_cohort(root, "pretrain_cohort", spec)
+    folder = root / "encoder"
+    weights = folder / "pretrained.safetensors"
+
+    def build() -> None:
+        record = pretrain(tiles, weights, settings)
+        log.info("pretrained %s on %d tiles of %d slides in %.0f s: contrastive loss %.3f -> %.3f", settings.encoder,
+                 record["tiles"], record["slides"], record["seconds"], record["loss_by_epoch"][0],
+                 record["loss_by_epoch"][-1])
+
+    _stage(folder, {"cohort": dataclasses.asdict(spec), "pretrain": dataclasses.asdict(settings)}, build)
+    return weights
+
+
+def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed: int, epochs: int,
+               tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None):
+    """The training config every experiment run shares: tinycnn + gated attention, fixed patient-level splits
+    (``split_seed`` 0 whatever the run's seed), 2 slides per step, validation on all tiles every epoch,
+    best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline."""
+    from fullslide.train.config import config_from_dict
+
+    return config_from_dict({
+        "run_dir": str(run_dir),
+        "data": {"cohort": str(cohort), "coords_dir": str(tiles), "target_mpp": TARGET_MPP, "tile_px": TILE_PX,
+                 "fractions": [0.5, 0.2, 0.3], "split_seed": 0,
+                 **({"features_dir": str(features_dir)} if features_dir else {})},
+        "encoder": {"name": "tinycnn", "weights": str(weights), "lr": encoder_lr, "freeze": features_dir is not None},
+        "aggregator": {"name": "gma", "lr": 1e-3},
+        "train": {"epochs": epochs, "tiles_per_slide": tiles_per_slide, "slides_per_step": 2, "chunk_tiles": 64,
+                  "warmup_epochs": 0.5, "min_lr_ratio": 0.1, "selection_metric": "loss", "loader_workers": 1,
+                  "seed": seed, "device": "cpu"},
+        "eval": {"chunk_tiles": 256, "bootstrap": 1000},
+    })
+
+
+def train_and_test(config: Any) -> dict[str, Any]:
+    """Train ``config`` from scratch (an unfinished run folder is cleared), then score the best checkpoint on
+    the test split. Returns per-epoch curves and test metrics (value and 95% CI)."""
+    from fullslide.train.evaluate import evaluate_run
+    from fullslide.train.trainer import train
+    from fullslide.viz.report import read_metrics_csv
+
+    run_dir = Path(config.run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    train(config, progress=False)
+    history = read_metrics_csv(run_dir / "metrics.csv")
+    folder, _ = evaluate_run(run_dir, split="test")
+    test = json.loads((folder / "metrics.json").read_text())["metrics"]
+
+    def column(key: str) -> list[float | None]:
+        return [_finite(row.get(key)) for row in history]
+
+    def metric(name: str) -> tuple[float | None, list[float | None]]:
+        m = test.get(name) or {}
+        return _finite(m.get("value")), [_finite(m.get("ci_low")), _finite(m.get("ci_high"))]
+
+    (auc, auc_ci), (loss, loss_ci) = metric("auc"), metric("loss")
+    return {
+        "train_loss_by_epoch": column("train_loss"), "val_loss_by_epoch": column("val_loss"),
+        "val_auc_by_epoch": column("val_auc"), "test_auc": auc, "test_auc_ci": auc_ci, "test_loss": loss,
+        "test_loss_ci": loss_ci,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _finite(value: Any) -> float | None:
+    """A float, or None for a missing or non-finite value (results.json stays strict JSON)."""
+    import math
+
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def cached_run(runs_dir: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s result for run ``name``, computed once: a finished run (its result.json) is never redone."""
+    result_path = runs_dir / name / "result.json"
+    if result_path.exists():
+        log.info("%s: done before, kept", name)
+        return json.loads(result_path.read_text())
+    result = fn()
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(result_path, json.dumps(result, indent=1))
+    return result
+
+
+def write_results(out: Path, experiment: str, runs: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
+    """``out/results.json``: ``{"experiment", "settings", "runs"}`` (the schema in EXPERIMENTS.md)."""
+    path = out / "results.json"
+    atomic_write_text(path, json.dumps({"experiment": experiment, "settings": settings, "runs": runs}, indent=1))
+    return path
