@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import tracemalloc
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from fullslide.cli import main
+from fullslide.errors import ConfigError
 from fullslide.slides import open_slide, read_coords, tile_slides
 from fullslide.slides.synth import lesion_fraction, load_lesion_mask, make_cohort, write_slide
 from fullslide.slides.synth_render import Appearance, make_layout, render_region
@@ -171,3 +173,20 @@ def test_stain_variation_spreads_patient_stains_and_is_validated(tmp_path: Path)
     assert 0.5 < spread(0.35) <= 0.7 and spread(0.12) <= 0.24
     with pytest.raises(ConfigError, match="stain variation must be in"):
         make_cohort(tmp_path, 2, size=(512, 512), stain_variation=1.5)
+
+
+def test_lesion_contrast_moves_lesions_towards_normal_tissue() -> None:
+    """A lower contrast keeps the lesions where they are but makes them look more like normal tissue."""
+    layouts = {c: make_layout(1024, 1024, 0.5, seed=3, lesion_fraction=0.1, appearance=Appearance().subtle(c))
+               for c in (1.0, 0.4)}
+    assert np.array_equal(layouts[1.0].lesion_sdf, layouts[0.4].lesion_sdf)
+    lesion = np.repeat(np.repeat(layouts[1.0].lesion_mask, 8, 0), 8, 1)[:1024, :1024]
+    normal = ~np.repeat(np.repeat(layouts[1.0].tissue_mask & ~layouts[1.0].lesion_mask, 8, 0), 8, 1)[:1024, :1024]
+    gap = {}
+    for c, layout in layouts.items():
+        h = _haematoxylin(render_region(layout, 0, 0, 1024, 1024))
+        gap[c] = h[lesion].mean() - h[~normal].mean()
+    assert gap[1.0] > 0.2 and 0.05 < gap[0.4] < 0.6 * gap[1.0], gap
+    assert Appearance().subtle(1.0) == dataclasses.replace(Appearance(), lesion_contrast=1.0)
+    with pytest.raises(ConfigError, match="lesion contrast"):
+        make_cohort("unused", 2, lesion_contrast=0.0)

@@ -109,13 +109,13 @@ def make_cohort(
         raise ConfigError(f"synth: positive fraction must be in [0, 1], got {positive_fraction}")
     if not (0 < tissue_fraction < 1) or not (mpp > 0 and math.isfinite(mpp)):
         raise ConfigError(f"synth: need 0 < tissue fraction < 1 and mpp > 0, got {tissue_fraction}, {mpp}")
+    if not 0 < lesion_contrast <= 1:
+        raise ConfigError(f"synth: lesion contrast must be in (0, 1], got {lesion_contrast}")
     out = Path(out_dir)
     for sub in ("slides", "lesions"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not 0 <= stain_variation < 1:
         raise ConfigError(f"synth: stain variation must be in [0, 1), got {stain_variation}")
-    if not 0 < lesion_contrast <= 1:
-        raise ConfigError(f"synth: lesion contrast must be in (0, 1], got {lesion_contrast}")
     plan = plan_cohort(n_slides, signal=signal, lesion_fraction=lesion_fraction, positive_fraction=positive_fraction,
                        seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation,
                        lesion_contrast=lesion_contrast)

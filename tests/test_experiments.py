@@ -1,0 +1,161 @@
+"""`fullslide pretrain` and `fullslide experiment ...`: the contrastive loss, pretraining, and the experiments'
+plumbing, schema and resume on their `--quick` settings (the science is in EXPERIMENTS.md, not here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fullslide.cli import main
+from fullslide.errors import ConfigError
+
+
+def _reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """SimCLR's loss written out anchor by anchor from the paper's definition (no fullslide code)."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        others = [math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i]
+        total += -math.log(math.exp(float(z[i] @ z[positive]) / t) / sum(others))
+    return total / (2 * n)
+
+
+def test_nt_xent_matches_the_definition() -> None:
+    from fullslide.train.pretrain import nt_xent
+
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 7, generator=gen), torch.randn(5, 7, generator=gen)
+    assert nt_xent(z1, z2, 0.3).item() == pytest.approx(_reference_nt_xent(z1, z2, 0.3), rel=1e-5)
+    aligned = nt_xent(z1, z1 + 1e-3 * z2, 0.3).item()  # views that agree: lower loss
+    assert aligned < nt_xent(z1, z2, 0.3).item()
+
+
+def test_views_are_random_in_range_and_replayable() -> None:
+    from fullslide.train.pretrain import make_views
+
+    colours = torch.tensor([[230, 40, 40], [40, 230, 40], [40, 40, 230], [200, 200, 60], [60, 200, 200], [120, 120, 120]])
+    ramp = torch.linspace(-20, 20, 16)
+    tiles = (colours[:, :, None, None] + ramp[None, None, :, None]).clamp(0, 255).to(torch.uint8).expand(-1, -1, -1, 16)
+    a = make_views(tiles, torch.Generator().manual_seed(5))
+    b = make_views(tiles, torch.Generator().manual_seed(5))
+    c = make_views(tiles, torch.Generator().manual_seed(6))
+    assert a.shape == (6, 3, 16, 16) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # a view keeps its own tile's content: closer to its tile than to the other tiles
+    flat, src = a.flatten(1), (tiles.float() / 255).flatten(1)
+    distance = torch.cdist(flat, src)  # [6, 6]
+    assert torch.equal(distance.argmin(dim=1), torch.arange(6))
+
+
+@pytest.fixture(scope="module")
+def tiled(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fullslide.slides import tile_slides
+
+    out = tmp_path_factory.mktemp("pretrain_tiles")
+    tile_slides([synth_cohort], out, target_mpp=1.0, tile_px=32)
+    return out
+
+
+def test_pretrain_learns_is_deterministic_and_loads_as_encoder_weights(tiled: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from fullslide.models import create_encoder
+    from fullslide.train.pretrain import read_pretrain_record
+
+    args = ["pretrain", str(tiled), "--epochs", "4", "--tiles-per-slide", "96", "--batch", "64", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert "contrastive loss" in capsys.readouterr().out
+    record = read_pretrain_record(tmp_path / "a.safetensors")
+    assert record is not None and record["slides"] == 4 and record["tiles"] == 4 * 96
+    assert record["loss_by_epoch"][-1] < record["loss_by_epoch"][0] - 0.1  # it learns
+    assert main([*args, "--out", str(tmp_path / "b.safetensors")]) == 0
+    a, b = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
+    pretrained = create_encoder("tinycnn", weights=str(tmp_path / "a.safetensors"))  # strict by default
+    torch.manual_seed(0)
+    fresh = create_encoder("tinycnn")
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert not torch.allclose(pretrained(x), fresh(x), atol=1e-3)
+    assert list(tmp_path.glob("*.tmp*")) == []
+
+
+def test_pretrain_refuses_a_folder_without_tiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", str(tmp_path), "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no coords files" in err and str(tmp_path) in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def _check_schema(results: dict, experiment: str) -> None:
+    assert results["experiment"] == experiment and results["runs"]
+    for run in results["runs"]:
+        assert isinstance(run["seed"], int)
+        assert isinstance(run["test_auc"], float) and 0 <= run["test_auc"] <= 1
+        assert isinstance(run["test_loss"], float) and run["test_loss"] > 0
+        if experiment == "k-sweep":
+            assert run["k"] == "all" or (isinstance(run["k"], int) and run["k"] > 0)
+            assert isinstance(run["final_train_loss"], float)
+            assert run["final_train_loss"] == run["train_loss_by_epoch"][-1]
+            assert len(run["train_loss_by_epoch"]) == len(run["val_auc_by_epoch"]) == 2  # quick: 2 epochs
+            assert isinstance(run["tiles_seen"], int) and isinstance(run["seconds"], float)
+        else:
+            assert run["model"] in ("e2e", "frozen") and run["signal"] in ("focal", "diffuse")
+
+
+def test_k_sweep_quick_writes_schema_report_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ks"
+    args = ["experiment", "k-sweep", "--out", str(out), "--quick", "--seeds", "1", "--ks", "8,all"]
+    assert main(args) == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    _check_schema(results, "k-sweep")
+    assert [r["k"] for r in results["runs"]] == [8, "all"]
+    small, everything = results["runs"]
+    assert small["tiles_seen"] < everything["tiles_seen"]  # same steps, more tiles per step
+    report = (out / "report.md").read_text()
+    assert "![k-sweep](k_sweep.png)" in report and (out / "k_sweep.png").stat().st_size > 10_000
+    assert "| 8 |" in report and "| all |" in report
+    # resume: finished runs are kept; a lost result is redone, and only that one
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    (out / "runs" / "kall_seed0" / "result.json").unlink()
+    assert main(args) == 0
+    assert (out / "runs" / "k8_seed0" / "result.json").stat().st_mtime_ns == stamps[out / "runs" / "k8_seed0" / "result.json"]
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"][0] == small
+    assert again["runs"][1]["final_train_loss"] == pytest.approx(everything["final_train_loss"], abs=1e-6)  # same seed
+
+
+def test_e2e_vs_frozen_quick_schema_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ef"
+    assert main(["experiment", "e2e-vs-frozen", "--out", str(out), "--quick", "--seeds", "1", "--seed-offset", "3",
+                 "--signals", "diffuse"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    _check_schema(results, "e2e-vs-frozen")
+    assert sorted((r["model"], r["signal"], r["seed"]) for r in results["runs"]) == [
+        ("e2e", "diffuse", 3), ("frozen", "diffuse", 3)]
+    report = (out / "report.md").read_text()
+    assert "e2e wins (AUC)" in report and (out / "e2e_vs_frozen.png").exists()
+    # both arms start from the same pretrained encoder
+    configs = [yaml.safe_load((out / "runs" / f"diffuse_{m}_seed3" / "run" / "config.yaml").read_text())
+               for m in ("e2e", "frozen")]
+    assert configs[0]["encoder"]["weights"] == configs[1]["encoder"]["weights"]
+    assert (configs[0]["encoder"]["freeze"], configs[1]["encoder"]["freeze"]) == (False, True)
+
+
+def test_experiment_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fullslide.experiments.k_sweep import parse_ks
+
+    assert parse_ks("8, 32,ALL") == [8, 32, "all"]
+    for bad in ("8,0", "8,x", "8,8", ""):
+        with pytest.raises(ConfigError, match="--ks"):
+            parse_ks(bad)
+    assert main(["experiment", "e2e-vs-frozen", "--out", str(tmp_path), "--signals", "focal,spots"]) == 2
+    assert "--signals" in capsys.readouterr().err
