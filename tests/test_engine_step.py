@@ -266,3 +266,75 @@ def test_engine_names_an_encoder_output_it_cannot_use() -> None:
     model.encoder.feature_dim = 6
     with pytest.raises(TypeError, match="encoder returned tuple for 6 tiles"):
         step(model, _slides([6]), torch.tensor([1]), F.cross_entropy, chunk_tiles=8)
+
+
+def _auto_budgets(model, slides, y, chunk: int, agg_chunk: int) -> dict[str, int]:
+    """Budgets at which auto keeps every chunk, none, and about half (from the plan's own predictions)."""
+    model.zero_grad(set_to_none=True)
+    everything = step(model, slides, y, F.cross_entropy, mode="auto", memory_budget=10**12, chunk_tiles=chunk,
+                      aggregator_chunk_tiles=agg_chunk, step_seed=7).plan
+    nothing = step(model, slides, y, F.cross_entropy, mode="auto", memory_budget=1, chunk_tiles=chunk,
+                   aggregator_chunk_tiles=agg_chunk, step_seed=7).plan
+    model.zero_grad(set_to_none=True)
+    assert nothing.kept_chunks == 0 and everything.recomputed_chunks == 0
+    return {"all fit": everything.predicted_peak_bytes, "none fit": 1,
+            "half fit": (everything.predicted_peak_bytes + nothing.predicted_peak_bytes) // 2}
+
+
+@pytest.mark.parametrize("aggregator", ["gma", "mean", "transformer"])
+def test_auto_matches_reference_whatever_it_keeps(aggregator: str) -> None:
+    model = add_probes(_model(aggregator=aggregator), drop_path_rate=0.3)
+    slides, y = _slides([13, 5, 21]), torch.tensor([0, 1, 1])
+    ref = _ref_grads(model, slides, y, chunk=4, agg_chunk=8)
+    kept = {}
+    for name, budget in _auto_budgets(model, slides, y, 4, 8).items():
+        model.zero_grad(set_to_none=True)
+        result = step(model, slides, y, F.cross_entropy, mode="auto", memory_budget=budget, chunk_tiles=4,
+                      aggregator_chunk_tiles=8, step_seed=7)
+        got = _grads(model)
+        assert set(got) == set(ref), name
+        assert max_rel_error(got, ref, "encoder.") < TOL, name
+        assert max_rel_error(got, ref, "aggregator.") < TOL, name
+        kept[name] = (result.plan.kept_chunks, result.plan.recomputed_chunks)
+    assert kept["all fit"] == (12, 0) and kept["none fit"] == (0, 12)
+    assert 0 < kept["half fit"][0] < 12  # a real split: some graphs kept, some chunks recomputed
+
+
+def test_auto_peak_is_predicted_and_within_the_budget() -> None:
+    """The activations autograd holds during an auto step (an outer saved-tensor meter) are what the plan
+    predicted (within 15%) and stay within the budget; the probe leaves no trace on the step."""
+    model = _model(drop=0.0)
+    slides, y = _slides([40, 24]), torch.tensor([0, 1])
+    peaks = {}
+    for name, budget in _auto_budgets(model, slides, y, 4, 16).items():
+        model.zero_grad(set_to_none=True)
+        with SavedTensorMeter() as meter:
+            result = step(model, slides, y, F.cross_entropy, mode="auto", memory_budget=budget, chunk_tiles=4,
+                          aggregator_chunk_tiles=16, step_seed=7)
+        predicted = result.plan.predicted_activation_bytes
+        assert abs(meter.peak_bytes - predicted) <= 0.15 * predicted, (name, meter.peak_bytes, predicted)
+        if name != "none fit":
+            assert meter.peak_bytes <= 1.10 * budget, name
+        peaks[name] = meter.peak_bytes
+    with SavedTensorMeter() as full:
+        step(model, slides, y, F.cross_entropy, mode="full", chunk_tiles=4, step_seed=7)
+    with SavedTensorMeter() as recompute:
+        step(model, slides, y, F.cross_entropy, mode="recompute", chunk_tiles=4, aggregator_chunk_tiles=16, step_seed=7)
+    assert peaks["all fit"] == full.peak_bytes and peaks["none fit"] == recompute.peak_bytes
+    assert recompute.peak_bytes < 0.8 * peaks["half fit"] < 0.8 * full.peak_bytes
+
+
+def test_auto_probe_changes_no_draw_and_no_buffer() -> None:
+    """The probe's forward runs under a forked RNG and restores buffers: dropout draws and BatchNorm
+    statistics are what they would have been without it."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", "gma", 2, tile_px=16, freeze_bn=False, drop_rate=0.0).train()
+    slides, y = _slides([9]), torch.tensor([1])
+    bn = dict(model.encoder.named_buffers())
+    before = {k: v.clone() for k, v in bn.items()}
+    state = torch.get_rng_state()
+    from fullslide.engine.budget import probe_encoder
+
+    probe_encoder(model.encoder, slides[0], device=torch.device("cpu"), amp_dtype=None)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in bn.items())

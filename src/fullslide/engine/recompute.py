@@ -7,7 +7,9 @@ chunk under its own seed (see :mod:`fullslide.engine.rng`):
 - ``checkpoint``: with activation checkpointing per chunk; only chunk inputs are kept, phase ``backward``
                   recomputes each chunk inside autograd;
 - ``recompute``:  without a graph; phase ``backward`` re-encodes one chunk at a time with a graph and
-                  backpropagates its slice of dLoss/dFeatures, so at most one chunk's graph is ever alive.
+                  backpropagates its slice of dLoss/dFeatures, so at most one chunk's graph is ever alive;
+- ``auto``:       the first ``keep_chunks`` chunks keep their graph (as in ``full``), the others run without
+                  one and are recomputed (as in ``recompute``); ``budget.py`` decides how many fit.
 
 Phase ``backward`` takes dLoss/dFeatures ``[k_local, D]`` and accumulates encoder ``.grad``.
 """
@@ -24,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fullslide.engine.rng import derive_seed, seeded
 
-Mode = Literal["full", "checkpoint", "recompute"]
-MODES: tuple[Mode, ...] = ("full", "checkpoint", "recompute")
+Mode = Literal["auto", "full", "checkpoint", "recompute"]
+MODES: tuple[Mode, ...] = ("auto", "full", "checkpoint", "recompute")
 
 
 @dataclass
@@ -34,7 +36,7 @@ class EncoderPass:
 
     features: torch.Tensor  # [k_local, D] float32, detached
     chunks: list[tuple[int, int, int]]  # (global chunk index, local start, local stop)
-    graph_outputs: list[torch.Tensor] = field(default_factory=list)  # full/checkpoint: one per chunk
+    graph_outputs: list[torch.Tensor] = field(default_factory=list)  # one per kept chunk (the first ones)
 
 
 def autocast_ctx(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -70,13 +72,15 @@ def encode(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     with_grad: bool,
+    keep_chunks: int | None = None,
 ) -> EncoderPass:
-    """Phase 1: encode this rank's tiles ``[k_local, 3, H, W]`` of one slide, chunk by chunk."""
+    """Phase 1: encode this rank's tiles ``[k_local, 3, H, W]`` of one slide, chunk by chunk
+    (``keep_chunks``: in ``auto`` mode, how many of the first chunks keep their graph)."""
     feats: list[torch.Tensor] = []
     graphs: list[torch.Tensor] = []
-    keep_graph = with_grad and mode != "recompute"
-    for chunk_index, start, stop in chunks:
+    for position, (chunk_index, start, stop) in enumerate(chunks):
         seed = derive_seed(step_seed, slide_index, chunk_index)
+        keep_graph = with_grad and mode != "recompute" and (mode != "auto" or position < (keep_chunks or 0))
         if not keep_graph:
             with torch.no_grad():
                 out = _run_chunk(encoder, tiles[start:stop], seed, device, amp_dtype)
@@ -110,13 +114,14 @@ def backward(
     amp_dtype: torch.dtype | None,
 ) -> None:
     """Phase 2: accumulate encoder ``.grad`` from dLoss/dFeatures ``[k_local, D]`` of one slide."""
-    if mode != "recompute":
-        if enc_pass.graph_outputs:
-            grads = [grad_features[s:e].to(out.dtype) for (_, s, e), out in zip(enc_pass.chunks, enc_pass.graph_outputs)]
-            torch.autograd.backward(enc_pass.graph_outputs, grads)
-            enc_pass.graph_outputs.clear()
+    kept = len(enc_pass.graph_outputs)
+    if kept:  # the kept graphs first: freed before any chunk is recomputed
+        grads = [grad_features[s:e].to(out.dtype) for (_, s, e), out in zip(enc_pass.chunks, enc_pass.graph_outputs)]
+        torch.autograd.backward(enc_pass.graph_outputs, grads)
+        enc_pass.graph_outputs.clear()
+    if mode not in ("recompute", "auto"):
         return
-    for chunk_index, start, stop in enc_pass.chunks:
+    for chunk_index, start, stop in enc_pass.chunks[kept:]:
         # Same seed as phase 1: dropout / drop-path draw the same masks, so this graph is phase 1's graph.
         out = _run_chunk(encoder, tiles[start:stop], derive_seed(step_seed, slide_index, chunk_index), device, amp_dtype)
         torch.autograd.backward(out, grad_features[start:stop].to(out.dtype))

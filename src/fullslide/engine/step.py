@@ -4,7 +4,8 @@
 targets)`` - for ``cross_entropy`` that is the mean slide loss - whatever the memory mode, the chunk size, the
 number of processes and their layout. The phases, each a named function below:
 
-1. encode     this rank's tiles, chunk by chunk (graph kept, checkpointed, or none: ``mode``);
+1. encode     this rank's tiles, chunk by chunk (graph kept, checkpointed, or none: ``mode``; ``auto`` keeps
+              the graphs of as many chunks as ``memory_budget`` allows, measured by a probe: ``budget.py``);
 2. gather     features inside the tile-parallel group -> every rank holds ``[K, D]`` of its slides;
 3. aggregate  every slide on every rank of its group (replicated: no idle rank, no scatter), exchange the
               step's logits over the world, compute the loss, backpropagate to the aggregator and to the
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from fullslide.engine import recompute
+from fullslide.engine.budget import AutoPlan, plan_chunks, probe_encoder, resolve_budget
 from fullslide.engine.aggregate import (
     AGGREGATOR_CHUNK_TILES,
     aggregate_graph,
@@ -73,6 +75,7 @@ class StepResult:
     logits: torch.Tensor  # [N, C] logits of every slide of the step, detached, on CPU
     attention: dict[int, torch.Tensor]  # slide index -> [k_total] pooling weights/scores (this rank's slides)
     tiles_encoded: int  # tiles this rank encoded in phase 1
+    plan: AutoPlan | None = None  # mode "auto": what was kept and recomputed on this rank
 
 
 def _as_bags(bags: Sequence[Bag | torch.Tensor]) -> list[Bag]:
@@ -139,6 +142,7 @@ def step(
     loss_fn: LossFn,
     *,
     mode: Mode = "recompute",
+    memory_budget: int | float | str | None = None,
     chunk_tiles: int = 64,
     aggregator_chunk_tiles: int = AGGREGATOR_CHUNK_TILES,
     step_seed: int = 0,
@@ -151,7 +155,9 @@ def step(
     ``model`` has ``.encoder`` (tiles -> ``[k, D]``, exposing ``feature_dim``) and ``.aggregator``
     (``[K, D]`` -> AggregatorOutput). ``bags`` are this rank's slides (tensors are taken as whole slides with
     index = position); ``targets`` holds all N slides of the step across all slide groups. ``step_seed``
-    fixes dropout/drop-path draws (use a different one per step); ``aggregator_chunk_tiles`` is the tile-stage
+    fixes dropout/drop-path draws (use a different one per step). ``mode="auto"`` keeps the graphs of as many
+    chunks as ``memory_budget`` allows (bytes, a fraction of free memory, ``"8GB"``; None: 80% of the free
+    memory) and recomputes the rest - the gradient is the same whatever it keeps. ``aggregator_chunk_tiles`` is the tile-stage
     chunk of attention pooling (part of the seeding contract, like ``chunk_tiles``). ``amp_dtype`` autocasts the encoder
     (bfloat16, or float16 with ``grad_scaler``); the aggregator and the loss run in float32.
     Raises :class:`NonFiniteLossError` (consistently on every rank) without touching ``.grad``.
@@ -172,20 +178,24 @@ def step(
     agg_params = [p for p in aggregator.parameters() if p.requires_grad]
     params = list(dict.fromkeys(enc_params + agg_params))  # a parameter tied between the two appears once
     feature_dim = int(getattr(encoder, "feature_dim"))
+    chunk_lists = [_local_chunks(b, chunk_tiles, ctx) for b in items]
+    plan, keep = None, [None] * len(items)
+    if mode == "auto" and enc_params:
+        plan, keep = _plan_auto(model, items, chunk_lists, chunk_tiles, aggregator_chunk_tiles, memory_budget, device,
+                                amp_dtype)
     stash = _stash_grads(params)
     try:
         # Phase 1: encode this rank's share of every slide.
         passes: list[recompute.EncoderPass | None] = []
         local: list[torch.Tensor] = []
-        for b in items:
-            chunks = _local_chunks(b, chunk_tiles, ctx)
+        for b, chunks, keep_chunks in zip(items, chunk_lists, keep):
             if b.tiles is None:  # precomputed features: nothing to encode, nothing to backpropagate into
                 passes.append(None)
                 local.append(b.features.to(device).float() if b.features is not None else None)
                 continue
             p = recompute.encode(
                 encoder, b.tiles, chunks, mode=mode, step_seed=step_seed, slide_index=b.index,
-                device=device, amp_dtype=amp_dtype, with_grad=bool(enc_params),
+                device=device, amp_dtype=amp_dtype, with_grad=bool(enc_params), keep_chunks=keep_chunks,
             )
             passes.append(p)
             local.append(p.features)
@@ -193,7 +203,8 @@ def step(
         # caller's precomputed tensor (no requires_grad or .grad left on it).
         feats = [f.detach().requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
         # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
-        streamed = mode == "recompute" and is_attention_pooling(aggregator)
+        all_kept = plan is None or plan.recomputed_chunks == 0
+        streamed = (mode == "recompute" or (mode == "auto" and not all_kept)) and is_attention_pooling(aggregator)
         agg_kw = dict(aggregator_chunk_tiles=aggregator_chunk_tiles, step_seed=step_seed, device=device)
         outs = [
             (stream_forward if streamed else aggregate_graph)(aggregator, f, slide_index=b.index, **agg_kw)
@@ -245,7 +256,32 @@ def step(
         logits=all_logits.detach().cpu(),
         attention={b.index: o.attention.detach() for b, o in zip(items, outs)},
         tiles_encoded=sum(b.k_local for b in items if b.tiles is not None),
+        plan=plan,
     )
+
+
+def _plan_auto(model: nn.Module, items: list[Bag], chunk_lists: list[list[tuple[int, int, int]]], chunk_tiles: int,
+               aggregator_chunk_tiles: int, memory_budget: int | float | str | None, device: torch.device,
+               amp_dtype: torch.dtype | None) -> tuple[AutoPlan | None, list[int | None]]:
+    """How many leading chunks of each slide keep their graph under the budget (slides in order)."""
+    with_tiles = [(b, chunks) for b, chunks in zip(items, chunk_lists) if b.tiles is not None and chunks]
+    if not with_tiles:
+        return None, [None] * len(items)
+    probe = probe_encoder(model.encoder, with_tiles[0][0].tiles, device=device, amp_dtype=amp_dtype,
+                          aggregator=model.aggregator)
+    sizes = [stop - start for b, chunks in with_tiles for _, start, stop in chunks]
+    k_all = sum(int(b.k_total or 0) for b in items)
+    streamed = min(aggregator_chunk_tiles, max(int(b.k_total or 0) for b in items))
+    if not is_attention_pooling(model.aggregator):
+        streamed = k_all  # only attention pooling streams; others keep their graph whatever the mode
+    plan = plan_chunks(probe, sizes, chunk_tiles, resolve_budget(memory_budget, device),
+                       aggregator_tiles=(k_all, streamed))
+    keep, left = [], plan.kept_chunks
+    for b, chunks in zip(items, chunk_lists):
+        n = min(left, len(chunks)) if b.tiles is not None else 0
+        keep.append(n)
+        left -= n
+    return plan, keep
 
 
 def _n_classes(model: nn.Module, feature_dim: int, device: torch.device) -> int:

@@ -1,0 +1,219 @@
+"""``mode="auto"``: keep every chunk graph that fits a memory budget, recompute only the rest.
+
+Sizing comes from a probe, not from guesses: one small chunk of real tiles is encoded with a graph and the bytes
+autograd keeps for backward are measured - on CUDA from the allocator (memory held after the forward, and the
+forward's transient peak), elsewhere from saved-tensor hooks (:class:`~fullslide.engine.memory.SavedTensorMeter`,
+exact and deterministic). The probe runs under a forked RNG with the module's buffers restored, so it changes no
+draw and no BatchNorm statistic of the step. Figures are cached per (encoder, tile shape, dtype, train mode).
+
+Cost model (forward = 1 unit, backward = 2): a kept chunk costs 3 units, a recomputed one 4 (no-graph forward,
+then forward + backward), so a step costs ``1 + recomputed_share / 3`` of ``full``'s compute.
+Memory model of one rank's step (bytes the step adds to what is allocated when it starts): the kept chunk
+graphs (``kept_tiles x graph_bytes_per_tile``), plus the larger of the aggregator's activations (all K tiles of
+the step's slides when every chunk is kept and its graph is used, one tile-stage chunk when it is streamed) and
+one chunk (its graph while it is recomputed, or its transient while it is encoded), plus the features
+(K x D x 4 bytes x 3). Phases run one after the other, so the aggregator and a recomputed chunk never overlap.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+#: Default share of the free memory a step may use when no budget is given.
+DEFAULT_BUDGET_FRACTION = 0.8
+PROBE_TILES = 4
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Measured memory of one encoder on one tile shape and dtype."""
+
+    graph_bytes_per_tile: float  # activations autograd keeps per tile until backward
+    transient_bytes_per_tile: float  # extra peak per tile while a chunk is being encoded (no graph kept)
+    feature_dim: int
+    source: str  # "cuda allocator" or "saved-tensor hooks"
+    aggregator_bytes_per_tile: float = 0.0  # the aggregator's activations per tile (its graph)
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """What ``auto`` decided for one rank's step."""
+
+    kept_chunks: int
+    recomputed_chunks: int
+    kept_tiles: int
+    total_tiles: int
+    budget_bytes: int
+    predicted_peak_bytes: int  # activations + features
+    predicted_activation_bytes: int  # what autograd holds for backward at the peak
+    probe: Probe
+
+    @property
+    def compute_factor(self) -> float:
+        """Forward-backward units relative to ``full`` (1 + recomputed share / 3)."""
+        n = self.kept_chunks + self.recomputed_chunks
+        return 1.0 + (self.recomputed_chunks / n if n else 0.0) / 3.0
+
+    def describe(self) -> str:
+        return (f"auto: keeping the graphs of {self.kept_chunks} chunk(s) ({self.kept_tiles} tiles), recomputing "
+                f"{self.recomputed_chunks}; predicted peak {format_bytes(self.predicted_peak_bytes)} of a "
+                f"{format_bytes(self.budget_bytes)} budget; compute x{self.compute_factor:.2f} of full")
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Probe]]" = weakref.WeakKeyDictionary()
+
+
+def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
+             amp_dtype: torch.dtype | None) -> tuple[int, int, torch.Tensor]:
+    """(bytes held for backward after ``module(sample)``, peak bytes during it, the output's first tensor)
+    under a forked RNG, with the module's buffers restored afterwards."""
+    from fullslide.engine.memory import SavedTensorMeter
+    from fullslide.engine.recompute import autocast_ctx
+
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            with torch.enable_grad(), autocast_ctx(device, amp_dtype):
+                out = module(sample)
+            torch.cuda.synchronize(device)
+            held = torch.cuda.memory_allocated(device) - before
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            meter = SavedTensorMeter()
+            with meter, torch.enable_grad(), autocast_ctx(device, amp_dtype):
+                out = module(sample)
+            held, peak = meter.current_bytes, meter.peak_bytes
+        first = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+        shape_source = out.detach() if isinstance(out, torch.Tensor) else first
+        del out  # frees the probe's graph
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+    return held, peak, shape_source
+
+
+def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.device, amp_dtype: torch.dtype | None,
+                  aggregator: nn.Module | None = None) -> Probe:
+    """Measure (once, then cached) the graph and transient bytes per tile of ``encoder`` on ``tiles``' shape,
+    and of ``aggregator`` per tile (on a few hundred zero features)."""
+    key = (tuple(tiles.shape[1:]), tiles.dtype, str(device), amp_dtype, encoder.training, id(aggregator))
+    cached = _CACHE.setdefault(encoder, {})
+    if key in cached:
+        return cached[key]
+    sample = tiles[:PROBE_TILES].to(device)
+    n = int(sample.shape[0])
+    held, peak, out = _measure(encoder, sample, device, amp_dtype)
+    feature_dim = int(out.shape[-1])
+    agg = 0.0
+    if aggregator is not None:
+        m = 256
+        agg_held, _, _ = _measure(aggregator, torch.zeros((m, feature_dim), device=device).requires_grad_(), device, None)
+        agg = agg_held / m
+    probe = Probe(graph_bytes_per_tile=max(held, 1) / n, transient_bytes_per_tile=max(peak - held, 0) / n,
+                  feature_dim=feature_dim, source="cuda allocator" if device.type == "cuda" else "saved-tensor hooks",
+                  aggregator_bytes_per_tile=agg)
+    cached[key] = probe
+    return probe
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory now: the CUDA device's free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil  # pragma: no cover - non-Linux hosts
+
+    return int(psutil.virtual_memory().available)  # pragma: no cover
+
+
+def resolve_budget(budget: int | float | str | None, device: torch.device) -> int:
+    """Bytes from ``budget``: None (the default share of free memory), a fraction in (0, 1] of free memory,
+    a byte count, or a string such as ``"8GB"`` / ``"512MiB"``."""
+    if budget is None:
+        return int(DEFAULT_BUDGET_FRACTION * available_bytes(device))
+    if isinstance(budget, str):
+        budget = parse_bytes(budget)
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return int(budget * available_bytes(device))
+    if budget <= 0 or not math.isfinite(float(budget)):
+        raise ValueError(f"memory budget must be > 0 (bytes, a fraction of free memory, or e.g. '8GB'), got {budget}")
+    return int(budget)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int | float:
+    """``"80GB"`` -> 80e9, ``"512 MiB"`` -> 2**29, ``"0.5"`` -> 0.5 (a fraction); ValueError names the text."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 80GB, 512MiB, 0.5 for half the free memory)")
+    value, unit = float(match.group(1)), match.group(2) or ""
+    if not unit and value <= 1:
+        return value
+    return int(value * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def activation_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_tiles: int,
+                     aggregator_tiles: int) -> int:
+    """Predicted peak of the activations one rank's step holds for backward: the kept graphs, plus the larger
+    of the aggregator's ``aggregator_tiles`` (while it runs, kept graphs alive) and one chunk (its graph while
+    it is recomputed after the kept graphs' backward, else its transient while it is encoded)."""
+    chunk = min(chunk_tiles, max(total_tiles, 1))
+    extra = chunk * (probe.graph_bytes_per_tile if kept_tiles < total_tiles else probe.transient_bytes_per_tile)
+    aggregator = aggregator_tiles * probe.aggregator_bytes_per_tile
+    return int(kept_tiles * probe.graph_bytes_per_tile + max(aggregator, extra))
+
+
+def step_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_tiles: int, aggregator_tiles: int) -> int:
+    """Predicted bytes one rank's step adds: activations plus the features (K x D x 4 bytes x 3)."""
+    features = total_tiles * probe.feature_dim * 4 * 3  # features, their gradient, the gathered copy
+    return activation_bytes(probe, kept_tiles=kept_tiles, chunk_tiles=chunk_tiles, total_tiles=total_tiles,
+                            aggregator_tiles=aggregator_tiles) + features
+
+
+def plan_chunks(probe: Probe, chunk_sizes: list[int], chunk_tiles: int, budget_bytes: int, *,
+                aggregator_tiles: tuple[int, int] = (0, 0)) -> AutoPlan:
+    """Keep chunks in order while the predicted step stays within ``budget_bytes``. ``aggregator_tiles`` is
+    (tiles of the aggregator's graph when every chunk is kept, tiles it holds when it is streamed)."""
+    total = sum(chunk_sizes)
+
+    def predicted(kept_tiles: int, fn=step_bytes) -> int:
+        agg = aggregator_tiles[0] if kept_tiles == total else aggregator_tiles[1]
+        return fn(probe, kept_tiles=kept_tiles, chunk_tiles=chunk_tiles, total_tiles=total, aggregator_tiles=agg)
+
+    kept_tiles = kept = 0
+    if predicted(total) <= budget_bytes:
+        kept_tiles, kept = total, len(chunk_sizes)
+    else:
+        for size in chunk_sizes[:-1]:
+            if predicted(kept_tiles + size) > budget_bytes:
+                break
+            kept_tiles, kept = kept_tiles + size, kept + 1
+    return AutoPlan(kept_chunks=kept, recomputed_chunks=len(chunk_sizes) - kept, kept_tiles=kept_tiles,
+                    total_tiles=total, budget_bytes=budget_bytes, predicted_peak_bytes=predicted(kept_tiles),
+                    predicted_activation_bytes=predicted(kept_tiles, activation_bytes), probe=probe)
