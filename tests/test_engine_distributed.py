@@ -28,8 +28,8 @@ def test_all_layouts_and_modes_match_reference(factories_importable: None) -> No
                      tile_px=16, steps=3)
     rows, _ = run_checks(spec, [1, 2, 4], tol=1e-5, progress=lambda m: None)
     layouts = {(r.nproc, r.tile_parallel, r.mode) for r in rows}
-    assert len(layouts) == len(rows) == 3 * (1 + 2 + 3)
-    assert (4, 2, "recompute") in layouts  # 2 slide groups of 2 tile-parallel ranks each
+    assert len(layouts) == len(rows) == 6 * (1 + 2 + 3)  # full, checkpoint, recompute, auto at three budgets
+    assert (4, 2, "recompute") in layouts and (4, 2, "auto-half") in layouts  # 2 slide groups of 2 ranks each
     bad = [r for r in rows if not r.ok]
     assert not bad, bad
     assert all(r.encoder_grad < 1e-5 and r.aggregator_grad < 1e-5 and r.updates < 1e-5 for r in rows)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fullslide.proof import CHECK_MODES
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -72,8 +74,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing inside the blocks")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--nproc", type=_int_list, default=[1, 2, 4], help="process counts to check, e.g. 1,2,4")
-    p.add_argument("--mode", type=_str_list(("full", "checkpoint", "recompute")),
-                   default=["full", "checkpoint", "recompute"], help="memory modes, comma-separated")
+    p.add_argument("--mode", type=_str_list(CHECK_MODES), default=list(CHECK_MODES),
+                   help="memory modes, comma-separated (auto-all/-half/-none: auto at a budget where every chunk "
+                        "graph, about half, or none fits)")
     p.add_argument("--tile-parallel", type=_int_list, default=None,
                    help="tile-parallel degrees to check (default: every divisor of each process count)")
     p.add_argument("--steps", type=int, default=None,

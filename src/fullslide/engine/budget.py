@@ -217,3 +217,13 @@ def plan_chunks(probe: Probe, chunk_sizes: list[int], chunk_tiles: int, budget_b
     return AutoPlan(kept_chunks=kept, recomputed_chunks=len(chunk_sizes) - kept, kept_tiles=kept_tiles,
                     total_tiles=total, budget_bytes=budget_bytes, predicted_peak_bytes=predicted(kept_tiles),
                     predicted_activation_bytes=predicted(kept_tiles, activation_bytes), probe=probe)
+
+
+def choose_chunk_tiles(probe: Probe, budget_bytes: int, k_max: int) -> int:
+    """``chunk_tiles: auto``: the largest power of two from 8 to 512 (and not above K) whose chunk - its graph
+    and transient - takes at most an eighth of the budget, so that most of the budget can keep graphs."""
+    per_tile = probe.graph_bytes_per_tile + probe.transient_bytes_per_tile
+    chunk = 8
+    while chunk * 2 <= min(512, max(k_max, 8)) and chunk * 2 * per_tile <= budget_bytes / 8:
+        chunk *= 2
+    return chunk

@@ -36,11 +36,11 @@ class Settings:
     slides: int = 80
     size: int = 3072
     lesion_fraction: float = 0.01
-    lesion_contrast: float = 0.5
+    lesion_contrast: float = 0.4
     diffuse_strength: float = 0.5
     stain_variation: float = 0.35
     cohort_seed: int = 0
-    epochs: int = 12
+    epochs: int = 10
     tiles_per_slide: int | str = 256
     encoder_lr: float = 2e-4
     pretrain_slides: int = 16

@@ -36,7 +36,7 @@ class Settings:
     lesion_contrast: float = 0.5
     stain_variation: float = 0.35
     cohort_seed: int = 0
-    epochs: int = 12
+    epochs: int = 10
     encoder_lr: float = 2e-4
     encoder: PretrainedSettings = PretrainedSettings()
 

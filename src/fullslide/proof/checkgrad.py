@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fullslide.proof import CHECK_MODES
+
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Default tolerance per dtype: the largest per-tensor error measured on every layout (BENCHMARKS.md) with margin.
 TOLERANCES = {"float32": 5e-5, "bfloat16": 1e-2, "float16": 1e-2}
@@ -66,7 +68,7 @@ class CheckSpec:
     weight_decay: float = 1e-3  # reveals a zeros-for-None gradient; small, so a pure-decay update stays under the floor
     seed: int = 0
     device: str = "cpu"
-    modes: list[str] = field(default_factory=lambda: ["full", "checkpoint", "recompute"])
+    modes: list[str] = field(default_factory=lambda: list(CHECK_MODES))
     tile_parallel: list[int] | None = None  # None: every divisor of the process count
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. a recipe at reduced depth: {"depth": 2}
     trainable_blocks: int | None = None  # fine-tuning controls of fullslide.models.finetune
@@ -227,6 +229,27 @@ def reference(spec: CheckSpec) -> Reference:
     return Reference(grads, updates, peak, late, len(pooled))
 
 
+def auto_budget(mode: str, model: torch.nn.Module, bags: list, spec: CheckSpec) -> tuple[str, int | None]:
+    """(engine mode, memory budget) of a check mode: ``auto-all`` / ``auto-none`` give budgets every chunk
+    graph fits / none fits; ``auto-half`` the predicted bytes of keeping half of this rank's tiles."""
+    from fullslide.engine.budget import probe_encoder, step_bytes
+
+    if not mode.startswith("auto-"):
+        return mode, None
+    if mode == "auto-all":
+        return "auto", 10**15
+    mine = [b for b in bags if b.tiles is not None and b.k_local]
+    if mode == "auto-none" or not mine:
+        return "auto", 1
+    device = next(model.parameters()).device
+    probe = probe_encoder(model.encoder, mine[0].tiles, device=device, amp_dtype=DTYPES[spec.dtype],
+                          aggregator=model.aggregator)
+    total = sum(b.k_local for b in mine)
+    agg = min(spec.aggregator_chunk_tiles, max(b.k_total for b in bags))
+    return "auto", step_bytes(probe, kept_tiles=total // 2, chunk_tiles=spec.chunk_tiles, total_tiles=total,
+                              aggregator_tiles=agg)
+
+
 def worker_main(spec_path: str, out_dir: str) -> None:
     """One rank of a launch: every (layout, mode) of the spec; every rank writes its results."""
     import torch.distributed as dist
@@ -249,8 +272,9 @@ def worker_main(spec_path: str, out_dir: str) -> None:
                 for i in mine:
                     start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
                     bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i])))
-                step(model, bags, targets_of(spec), _scaled_ce(scale), mode=mode, chunk_tiles=spec.chunk_tiles,
-                     aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
+                engine_mode, budget = auto_budget(mode, model, bags, spec)
+                step(model, bags, targets_of(spec), _scaled_ce(scale), mode=engine_mode, memory_budget=budget,
+                     chunk_tiles=spec.chunk_tiles, aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
                      amp_dtype=DTYPES[spec.dtype], parallel=ctx)
 
             grads, updates, peak = _train(spec, model, run)

@@ -98,8 +98,12 @@ class TrainConfig:
     tiles_per_slide: int | Literal["all"] = _f(512, "K: tiles sampled per slide per step (without replacement), or all")
     slides_per_step: int = _f(1, "slides per step in each slide group (world / tile_parallel groups)")
     epoch_fraction: float = _f(1.0, "fraction of training slides drawn each epoch")
-    chunk_tiles: int = _f(64, "tiles encoded at once")
-    mode: Literal["full", "checkpoint", "recompute"] = _f("recompute", "engine memory mode")
+    chunk_tiles: int | Literal["auto"] = _f(64, "tiles encoded at once, or auto (sized from a probe of the encoder)")
+    mode: Literal["auto", "full", "checkpoint", "recompute"] = _f(
+        "auto", "engine memory mode: auto keeps every chunk graph that fits train.memory_budget and recomputes the rest")
+    memory_budget: float | str | None = _f(
+        None, "what a step may add in memory (mode auto): a fraction of free memory (0.5), bytes, or '16GB'; "
+        "null: 80% of the free device memory (CPU: available RAM)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f("auto", "auto: bf16 on GPU, fp32 on CPU")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_epochs: float = _f(1.0, "linear warm-up length, then cosine decay")
@@ -151,7 +155,10 @@ class Config:
              "must be >= 1 or 'all'"),
             (self.train.slides_per_step >= 1, "train.slides_per_step", "must be >= 1"),
             (0 < self.train.epoch_fraction <= 1, "train.epoch_fraction", "must be in (0, 1]"),
-            (self.train.chunk_tiles >= 1, "train.chunk_tiles", "must be >= 1"),
+            (self.train.chunk_tiles == "auto" or self.train.chunk_tiles >= 1, "train.chunk_tiles",
+             "must be >= 1 or 'auto'"),
+            (_budget_ok(self.train.memory_budget), "train.memory_budget",
+             "must be a fraction in (0, 1], a byte count or a size such as '16GB'"),
             (self.train.tile_parallel >= 1, "train.tile_parallel", "must be >= 1"),
             (self.train.loader_workers >= 0, "train.loader_workers", "must be >= 0"),
             (self.train.part_tiles >= 1, "train.part_tiles", "must be >= 1"),
@@ -170,6 +177,18 @@ class Config:
             if not ok:
                 raise ConfigError(f"config key '{key}' {why}")
         return self
+
+
+def _budget_ok(budget: float | str | None) -> bool:
+    from fullslide.engine.budget import parse_bytes
+
+    if budget is None:
+        return True
+    try:
+        value = parse_bytes(budget) if isinstance(budget, str) else budget
+    except ValueError:
+        return False
+    return value > 0 and (value <= 1 or float(value).is_integer())
 
 
 def _type_name(tp: Any) -> str:

@@ -241,12 +241,35 @@ class Trainer:
             self.state.update(ckpt.load_checkpoint(where, model=self.model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, scaler=self.scaler))
             log.info("resumed from %s at epoch %d step %d", where, self.state["epoch"] + 1, self.state["next_step"])
+        self.chunk_tiles = self._chunk_tiles()
+        self._plan_logged = False
         if self.rank0:
             write_run_info(self.run_dir, {
                 "task": cfg.data.task, "classes": self.classes, "n_outputs": self.n_out, "tile_px": cfg.data.tile_px,
                 "target_mpp": cfg.data.target_mpp, "encoder": cfg.encoder.name, "aggregator": cfg.aggregator.name,
                 "frozen": cfg.encoder.freeze, "excluded": self.data.excluded,
             })
+
+    def _chunk_tiles(self) -> int:
+        """``train.chunk_tiles``, or for ``auto`` the size a probe of the encoder picks - once per run: the
+        chunk size is part of the seeding contract, so a resumed run keeps the one it started with."""
+        cfg = self.config
+        if cfg.train.chunk_tiles != "auto":
+            return int(cfg.train.chunk_tiles)
+        if self.state.get("chunk_tiles"):
+            return int(self.state["chunk_tiles"])
+        from fullslide.engine.budget import choose_chunk_tiles, format_bytes, probe_encoder, resolve_budget
+
+        sample = torch.zeros((4, 3, cfg.data.tile_px, cfg.data.tile_px), dtype=torch.uint8)
+        probe = probe_encoder(self.model.encoder, sample, device=self.ctx.device, amp_dtype=self.amp)
+        budget = resolve_budget(cfg.train.memory_budget, self.ctx.device)
+        k = cfg.train.tiles_per_slide if cfg.train.tiles_per_slide != "all" else max(s.n_tiles for s in self.train_src)
+        chunk = choose_chunk_tiles(probe, budget, int(k))
+        if self.rank0:
+            log.info("chunk_tiles auto: %d (%s of activations per tile, budget %s)", chunk,
+                     format_bytes(probe.graph_bytes_per_tile + probe.transient_bytes_per_tile), format_bytes(budget))
+        self.state["chunk_tiles"] = chunk
+        return chunk
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _save(self, name: str, pointers: tuple[str, ...] = ("last",)) -> Path | None:
@@ -268,7 +291,7 @@ class Trainer:
         acc = self.state["accum"] or {"loss_sum": 0.0, "steps": 0, "slides": 0, "tiles": 0, "skipped": 0, "seconds": 0.0}
         aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
         # loader workers only read and decode; augmentation runs batched on the encoder's device (augment_batch)
-        dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=cfg.train.chunk_tiles,
+        dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=self.chunk_tiles,
                               use_features=cfg.encoder.freeze, backend=cfg.data.backend,
                               part_tiles=cfg.train.part_tiles)
         tile_bytes = 3 * cfg.data.tile_px**2 if not cfg.encoder.freeze else 4 * 4096  # uint8 tiles / float features
@@ -297,7 +320,8 @@ class Trainer:
                 ids = [self.train_ids[plan.slides[p]] for p in keep]
                 try:
                     result = step(self.model, bags, self.targets(ids), self.loss_fn, mode=cfg.train.mode,
-                                  chunk_tiles=cfg.train.chunk_tiles, step_seed=step_seed(cfg.train.seed, epoch, plan.step),
+                                  memory_budget=cfg.train.memory_budget, chunk_tiles=self.chunk_tiles,
+                                  step_seed=step_seed(cfg.train.seed, epoch, plan.step),
                                   amp_dtype=self.amp, grad_scaler=self.scaler, parallel=ctx)
                 except NonFiniteLossError as exc:
                     self.state.update(epoch=epoch, next_step=plan.step)
@@ -308,8 +332,12 @@ class Trainer:
                     k = max(len(t) for t in plan.tiles)
                     raise FullslideError(
                         f"CUDA out of memory at epoch {epoch + 1} step {plan.step + 1} with K={k} tiles per slide, "
-                        f"chunk_tiles={cfg.train.chunk_tiles}, mode={cfg.train.mode}: lower train.chunk_tiles, use "
-                        f"train.mode=recompute, or raise train.tile_parallel") from exc
+                        f"chunk_tiles={self.chunk_tiles}, mode={cfg.train.mode}: lower train.chunk_tiles or "
+                        f"train.memory_budget, use train.mode=recompute, or raise train.tile_parallel "
+                        f"(`fullslide plan CONFIG` predicts what fits)") from exc
+                if result.plan is not None and not self._plan_logged and self.rank0:
+                    log.info("%s (first step; logged once)", result.plan.describe())
+                    self._plan_logged = True
                 self._optimizer_step()
                 acc["loss_sum"] += result.loss
                 acc["steps"] += 1
@@ -342,7 +370,7 @@ class Trainer:
     def _augment(self, tiles: torch.Tensor, k_total: int, epoch: int, slide: int, aug: Augment) -> torch.Tensor:
         """This rank's share of a slide's uint8 tiles, moved to the device and augmented there, each tile keyed by
         its position in the slide's K list (so the pixels do not depend on the layout)."""
-        start, stop = rank_tile_range(k_total, self.config.train.chunk_tiles, self.ctx.tp_rank, self.ctx.tp_size)
+        start, stop = rank_tile_range(k_total, self.chunk_tiles, self.ctx.tp_rank, self.ctx.tp_size)
         tiles = tiles.to(self.ctx.device, non_blocking=True)
         return augment_batch(tiles, aug, seed=self.config.train.seed, epoch=epoch, slide=slide,
                              positions=np.arange(start, stop))

@@ -2,8 +2,10 @@
 
 1. synthesize a ``focal`` cohort (positive slides hold a few small lesion foci) as real pyramidal TIFFs;
 2. tile it (tissue detection, grid at the target mpp);
-3. train end-to-end (encoder + gated-attention MIL) from one random encoder initialisation;
-4. extract features with that same, frozen, encoder and train the aggregator alone on them (same splits);
+3. pretrain the encoder without labels (SimCLR, ``fullslide pretrain``) on a separate small cohort: the
+   demo's stand-in for a pathology foundation model (no weights can be downloaded);
+4. train end-to-end (encoder + gated-attention MIL) from that pretrained encoder, and extract features with the
+   same encoder, frozen, and train the aggregator alone on them (same splits);
 5. evaluate both on the held-out test slides (all tiles, bootstrap CIs), draw heatmaps, and measure whether
    attention lands on the lesion foci (their share among top-attention tiles vs among all tiles);
 6. write ``report.md`` with the metrics table, curves and heatmaps.
@@ -101,13 +103,10 @@ def verdict(e2e: dict[str, Any], frozen: dict[str, Any]) -> str:
 def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None = None, size: str | None = None,
              seed: int = 0, progress: bool = False) -> Path:
     """Run the demo into ``out`` and return the report's path."""
-    import torch
-    from safetensors.torch import save_file
-
-    from fullslide.models import create_encoder
     from fullslide.slides import tile_slides
     from fullslide.slides.synth import make_cohort
     from fullslide.train.evaluate import evaluate_run, extract, heatmaps_for_run
+    from fullslide.train.pretrain import PretrainSettings, pretrain
     from fullslide.train.trainer import train
     from fullslide.viz.report import plot_curves, write_report
 
@@ -130,9 +129,13 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     if bad:
         log.warning("%d slide(s) failed tiling: %s", len(bad), bad[0].message)
     timings["tile"] = time.perf_counter() - t0
-    torch.manual_seed(seed)  # one random encoder initialisation, shared by both models
-    init = create_encoder("tinycnn")
-    save_file({k: v.contiguous() for k, v in init.backbone.state_dict().items()}, str(out / "encoder_init.safetensors"))
+    t0 = time.perf_counter()
+    pre_cohort = make_cohort(out / "pretrain_cohort", 6, signal="focal", size=wh, mpp=0.5, lesion_fraction=0.03,
+                             stain_variation=DEFAULTS["stain_variation"], seed=seed + 1000, workers=2)
+    tile_slides([pre_cohort], out / "pretrain_tiles", target_mpp=1.0, tile_px=32, workers=2)
+    record = pretrain(out / "pretrain_tiles", out / "encoder_init.safetensors",
+                      PretrainSettings(epochs=10, tiles_per_slide=512, seed=seed), progress=progress)
+    timings["pretrain encoder"] = time.perf_counter() - t0
     for name in ("e2e", "frozen"):
         if (out / name).exists():
             shutil.rmtree(out / name)  # a demo always starts fresh
@@ -164,8 +167,11 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
              f"lesion foci (larger, darker, denser nuclei) on about {DEFAULTS['lesion_fraction']:.0%} of their tissue; "
              f"stain strength varies by up to {DEFAULTS['stain_variation']:.0%} between patients, as between sites. "
              "Tiles of 32 px at 1.0 mpp. "
-             "Both models start from the same random `tinycnn` encoder; the frozen baseline keeps it fixed and trains "
-             "only the gated-attention aggregator on extracted features. Same patient-level splits, same metrics.")
+             f"Both models start from the same `tinycnn` encoder, pretrained without labels (SimCLR, "
+             f"`fullslide pretrain`) on {record['tiles']} tiles of 6 other slides (contrastive loss "
+             f"{record['loss_by_epoch'][0]:.2f} -> {record['loss_by_epoch'][-1]:.2f}): the demo's stand-in for a "
+             "pathology foundation model. The frozen baseline keeps it fixed and trains only the gated-attention "
+             "aggregator on extracted features. Same patient-level splits, same metrics.")
     settings = {"slides": n_slides, "size": f"{wh[0]}x{wh[1]}", "epochs": n_epochs, "seed": seed,
                 "tiles per slide (K)": e2e.train.tiles_per_slide, "slides per step": e2e.train.slides_per_step,
                 "engine mode": e2e.train.mode}
