@@ -43,7 +43,7 @@ def _yaml_mapping(text: str) -> dict:
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Attach ``encoders`` and ``check-grad``."""
+    """Attach ``encoders``, ``plan`` and ``check-grad``."""
     p = sub.add_parser("encoders", help="list the foundation-model recipes (width, input, mpp, parameters, file)")
     p.set_defaults(func=cmd_encoders)
 
@@ -89,6 +89,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="max per-tensor relative error (default: 1e-5 float32, 2e-2 bfloat16/float16)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check_grad)
+
+    p = sub.add_parser("plan", help="predict memory per mode, the largest K that fits, and auto's compute (no training)",
+                       description="Probe the config's encoder and aggregator (no weights read) and predict, per "
+                       "memory mode, the peak a step adds, whether it fits the budget, the largest K that fits and "
+                       "the compute relative to mode full.")
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (default: the built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.tiles_per_slide=8192 (repeatable)")
+    p.add_argument("--k", type=int, default=None, help="tiles per slide (default: train.tiles_per_slide)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="plan for a GPU of this memory, e.g. 80GB (probe in its default precision)")
+    p.set_defaults(func=cmd_plan)
 
 
 def cmd_check_grad(args: argparse.Namespace) -> int:
@@ -148,4 +160,14 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     print("* fixed input: tiles of another size are resized to it on the compute device (antialiased); the others "
           "are resized too, as their cards' transforms do, unless encoder.kwargs sets img_size.")
     print("Use: encoder: {name: uni, weights: /models/uni/pytorch_model.bin}. fullslide never downloads weights.")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan of a config."""
+    from fullslide.train.config import load_config
+    from fullslide.train.plan import plan_config
+
+    config = load_config(args.config, args.overrides)
+    print(plan_config(config, k=args.k, device_memory=args.device_memory).table())
     return 0

@@ -9,10 +9,11 @@ draw and no BatchNorm statistic of the step. Figures are cached per (encoder, ti
 Cost model (forward = 1 unit, backward = 2): a kept chunk costs 3 units, a recomputed one 4 (no-graph forward,
 then forward + backward), so a step costs ``1 + recomputed_share / 3`` of ``full``'s compute.
 Memory model of one rank's step (bytes the step adds to what is allocated when it starts): the kept chunk
-graphs (``kept_tiles x graph_bytes_per_tile``), plus the larger of the aggregator's activations (all K tiles of
-the step's slides when every chunk is kept and its graph is used, one tile-stage chunk when it is streamed) and
-one chunk (its graph while it is recomputed, or its transient while it is encoded), plus the features
-(K x D x 4 bytes x 3). Phases run one after the other, so the aggregator and a recomputed chunk never overlap.
+graphs (``kept_chunks x graph_bytes_per_chunk + kept_tiles x graph_bytes_per_tile``) with the larger of the
+aggregator's activations (all K tiles of the step's slides when every chunk is kept and its graph is used, one
+tile-stage chunk when it is streamed) and a chunk's transient; or, later, one recomputed chunk's graph, when that
+is larger; plus the features (K x D x 4 bytes x 3). Phases run one after the other and kept graphs are freed
+before any chunk is recomputed, so these never overlap.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Probe:
     feature_dim: int
     source: str  # "cuda allocator" or "saved-tensor hooks"
     aggregator_bytes_per_tile: float = 0.0  # the aggregator's activations per tile (its graph)
+    graph_bytes_per_chunk: float = 0.0  # held by every chunk graph whatever its size (autocast's weight copies)
+
+    def chunk_graph_bytes(self, tiles: int) -> float:
+        return self.graph_bytes_per_chunk + tiles * self.graph_bytes_per_tile
 
 
 @dataclass(frozen=True)
@@ -113,14 +118,22 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
     n = int(sample.shape[0])
     held, peak, out = _measure(encoder, sample, device, amp_dtype)
     feature_dim = int(out.shape[-1])
+    transient = max(peak - held, 0) / n
+    per_chunk = 0.0
+    if n >= 2:  # a second, smaller probe separates what a chunk graph holds per tile from what it holds once
+        small = n // 2
+        held_small, _, _ = _measure(encoder, sample[:small], device, amp_dtype)
+        per_tile = (held - held_small) / (n - small)
+        per_chunk = max(0.0, held - n * per_tile)
+        held = n * per_tile
     agg = 0.0
     if aggregator is not None:
         m = 256
         agg_held, _, _ = _measure(aggregator, torch.zeros((m, feature_dim), device=device).requires_grad_(), device, None)
         agg = agg_held / m
-    probe = Probe(graph_bytes_per_tile=max(held, 1) / n, transient_bytes_per_tile=max(peak - held, 0) / n,
+    probe = Probe(graph_bytes_per_tile=max(held, 1) / n, transient_bytes_per_tile=transient,
                   feature_dim=feature_dim, source="cuda allocator" if device.type == "cuda" else "saved-tensor hooks",
-                  aggregator_bytes_per_tile=agg)
+                  aggregator_bytes_per_tile=agg, graph_bytes_per_chunk=per_chunk)
     cached[key] = probe
     return probe
 
@@ -179,21 +192,26 @@ def format_bytes(n: float) -> str:
 
 
 def activation_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_tiles: int,
-                     aggregator_tiles: int) -> int:
-    """Predicted peak of the activations one rank's step holds for backward: the kept graphs, plus the larger
-    of the aggregator's ``aggregator_tiles`` (while it runs, kept graphs alive) and one chunk (its graph while
-    it is recomputed after the kept graphs' backward, else its transient while it is encoded)."""
+                     aggregator_tiles: int, kept_chunks: int | None = None) -> int:
+    """Predicted peak of the activations one rank's step holds for backward: the kept graphs plus the larger of
+    the aggregator's ``aggregator_tiles`` and one chunk's transient (pass 1 and the aggregator run while the kept
+    graphs are alive) - or one chunk's graph while it is recomputed, whichever is larger. Chunks are kept in
+    slide order, so every kept graph has been backpropagated and freed before any chunk is recomputed."""
     chunk = min(chunk_tiles, max(total_tiles, 1))
-    extra = chunk * (probe.graph_bytes_per_tile if kept_tiles < total_tiles else probe.transient_bytes_per_tile)
-    aggregator = aggregator_tiles * probe.aggregator_bytes_per_tile
-    return int(kept_tiles * probe.graph_bytes_per_tile + max(aggregator, extra))
+    if kept_chunks is None:
+        kept_chunks = -(-kept_tiles // max(chunk_tiles, 1))
+    kept = kept_tiles * probe.graph_bytes_per_tile + kept_chunks * probe.graph_bytes_per_chunk
+    alive = kept + max(aggregator_tiles * probe.aggregator_bytes_per_tile, chunk * probe.transient_bytes_per_tile)
+    recomputed = probe.chunk_graph_bytes(chunk) if kept_tiles < total_tiles else 0.0
+    return int(max(alive, recomputed))
 
 
-def step_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_tiles: int, aggregator_tiles: int) -> int:
+def step_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_tiles: int, aggregator_tiles: int,
+               kept_chunks: int | None = None) -> int:
     """Predicted bytes one rank's step adds: activations plus the features (K x D x 4 bytes x 3)."""
     features = total_tiles * probe.feature_dim * 4 * 3  # features, their gradient, the gathered copy
     return activation_bytes(probe, kept_tiles=kept_tiles, chunk_tiles=chunk_tiles, total_tiles=total_tiles,
-                            aggregator_tiles=aggregator_tiles) + features
+                            aggregator_tiles=aggregator_tiles, kept_chunks=kept_chunks) + features
 
 
 def plan_chunks(probe: Probe, chunk_sizes: list[int], chunk_tiles: int, budget_bytes: int, *,
@@ -202,21 +220,22 @@ def plan_chunks(probe: Probe, chunk_sizes: list[int], chunk_tiles: int, budget_b
     (tiles of the aggregator's graph when every chunk is kept, tiles it holds when it is streamed)."""
     total = sum(chunk_sizes)
 
-    def predicted(kept_tiles: int, fn=step_bytes) -> int:
+    def predicted(kept_tiles: int, kept: int, fn=step_bytes) -> int:
         agg = aggregator_tiles[0] if kept_tiles == total else aggregator_tiles[1]
-        return fn(probe, kept_tiles=kept_tiles, chunk_tiles=chunk_tiles, total_tiles=total, aggregator_tiles=agg)
+        return fn(probe, kept_tiles=kept_tiles, chunk_tiles=chunk_tiles, total_tiles=total, aggregator_tiles=agg,
+                  kept_chunks=kept)
 
     kept_tiles = kept = 0
-    if predicted(total) <= budget_bytes:
+    if predicted(total, len(chunk_sizes)) <= budget_bytes:
         kept_tiles, kept = total, len(chunk_sizes)
     else:
         for size in chunk_sizes[:-1]:
-            if predicted(kept_tiles + size) > budget_bytes:
+            if predicted(kept_tiles + size, kept + 1) > budget_bytes:
                 break
             kept_tiles, kept = kept_tiles + size, kept + 1
     return AutoPlan(kept_chunks=kept, recomputed_chunks=len(chunk_sizes) - kept, kept_tiles=kept_tiles,
-                    total_tiles=total, budget_bytes=budget_bytes, predicted_peak_bytes=predicted(kept_tiles),
-                    predicted_activation_bytes=predicted(kept_tiles, activation_bytes), probe=probe)
+                    total_tiles=total, budget_bytes=budget_bytes, predicted_peak_bytes=predicted(kept_tiles, kept),
+                    predicted_activation_bytes=predicted(kept_tiles, kept, activation_bytes), probe=probe)
 
 
 def choose_chunk_tiles(probe: Probe, budget_bytes: int, k_max: int) -> int:
@@ -224,6 +243,47 @@ def choose_chunk_tiles(probe: Probe, budget_bytes: int, k_max: int) -> int:
     and transient - takes at most an eighth of the budget, so that most of the budget can keep graphs."""
     per_tile = probe.graph_bytes_per_tile + probe.transient_bytes_per_tile
     chunk = 8
-    while chunk * 2 <= min(512, max(k_max, 8)) and chunk * 2 * per_tile <= budget_bytes / 8:
+    while chunk * 2 <= min(512, max(k_max, 8)) and probe.graph_bytes_per_chunk + chunk * 2 * per_tile <= budget_bytes / 8:
         chunk *= 2
     return chunk
+
+
+#: Forward-backward units relative to ``full`` (forward 1, backward 2; recomputing repeats a forward).
+MODE_COMPUTE = {"full": 1.0, "checkpoint": 4 / 3, "recompute": 4 / 3}
+
+
+def mode_activation_bytes(probe: Probe, mode: str, *, tiles: int, chunk_tiles: int, aggregator_chunk_tiles: int,
+                          streams: bool, budget_bytes: int | None = None) -> tuple[int, int, float]:
+    """(predicted activation bytes, predicted step bytes, compute factor) of one rank's step of ``tiles`` tiles
+    in ``mode``; ``streams``: the aggregator is attention pooling (streamed when chunks are recomputed)."""
+    sizes = [min(chunk_tiles, tiles - s) for s in range(0, tiles, chunk_tiles)]
+    streamed = min(aggregator_chunk_tiles, tiles) if streams else tiles
+    if mode == "auto":
+        plan = plan_chunks(probe, sizes, chunk_tiles, budget_bytes or 0, aggregator_tiles=(tiles, streamed))
+        return plan.predicted_activation_bytes, plan.predicted_peak_bytes, plan.compute_factor
+    kept = tiles if mode == "full" else 0
+    agg = streamed if mode == "recompute" else tiles
+    kwargs = dict(kept_tiles=kept, chunk_tiles=chunk_tiles, total_tiles=tiles, aggregator_tiles=agg)
+    return activation_bytes(probe, **kwargs), step_bytes(probe, **kwargs), MODE_COMPUTE[mode]
+
+
+def largest_k(probe: Probe, mode: str, *, budget_bytes: int, chunk_tiles: int, aggregator_chunk_tiles: int,
+              streams: bool, limit: int = 10_000_000) -> int:
+    """The largest tiles per rank-step whose predicted step bytes fit ``budget_bytes`` in ``mode`` (auto always
+    fits what recompute fits: its answer is recompute's)."""
+    mode = "recompute" if mode == "auto" else mode
+
+    def fits(k: int) -> bool:
+        return mode_activation_bytes(probe, mode, tiles=k, chunk_tiles=chunk_tiles,
+                                     aggregator_chunk_tiles=aggregator_chunk_tiles, streams=streams)[1] <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
