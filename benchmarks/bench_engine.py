@@ -1,4 +1,8 @@
-"""Peak memory and step time against K for the engine's three memory modes, each run in its own process.
+"""Peak memory and step time against K for the engine's memory modes, each run in its own process.
+
+``auto`` (the default mode) runs under ``--budget`` (what one step may add): it should match ``full``'s time
+(goal: within 1.05x) wherever ``full`` fits the budget, stay within the budget (+10%) at every K, and never be
+slower than ``recompute``.
 
 Claim under test: ``recompute`` memory does not grow with K (beyond the K x D features, the aggregator's
 per-tile activations and the tiles themselves) and costs at most ~4/3 of ``full``'s time (one extra encoder
@@ -10,7 +14,7 @@ keeps freed memory (see ``keep_heap``). Each time is the median of at least ``--
 ``--min-time`` seconds, after one warm-up step. We also report the
 encoder activations held for backward (exact, via autograd's saved-tensor hooks), which isolates the encoder.
 
-    python benchmarks/bench_engine.py                                   # CPU: tinycnn, 64 px, K 64..8192
+    python benchmarks/bench_engine.py                                   # CPU: tinycnn, 64 px, K 64..8192, 1 GB
     python benchmarks/bench_engine.py --encoder vit_base_patch16_224 --tile-size 224 --dtype bfloat16 \
         --ks 64,256,1024,4096 --find-max-k                              # GPU
 """
@@ -26,7 +30,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("full", "checkpoint", "recompute")
+MODES = ("full", "checkpoint", "recompute", "auto")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, vendor datasheets
 
 
@@ -65,10 +69,15 @@ def worker(cfg: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(model, [tiles], y, F.cross_entropy, mode=cfg["mode"], chunk_tiles=cfg["chunk"], amp_dtype=amp)
+        result = step(model, [tiles], y, F.cross_entropy, mode=cfg["mode"], chunk_tiles=cfg["chunk"], amp_dtype=amp,
+                      memory_budget=cfg.get("budget"))
         if device.type == "cuda":
             torch.cuda.synchronize()
+        if result.plan is not None:
+            plans.append(result.plan)
         return time.perf_counter() - t0
+
+    plans: list = []
 
     rss_before = current_rss_bytes()
     times: list[float] = []
@@ -85,6 +94,9 @@ def worker(cfg: dict) -> dict:
         return {**cfg, "oom": True}
     out = {**cfg, "oom": False, "step_s": statistics.median(times), "timed_steps": len(times),
            "encoder_saved_mb": meter.peak_bytes / 2**20}
+    if plans:
+        out.update(kept_chunks=plans[0].kept_chunks, recomputed_chunks=plans[0].recomputed_chunks,
+                   predicted_mb=plans[0].predicted_peak_bytes / 2**20)
     if device.type == "cuda":
         out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         flops = _flops_per_tile(model.encoder, px, device, amp)
@@ -137,6 +149,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration at least (after 1 warm-up)")
     p.add_argument("--min-time", type=float, default=3.0, help="keep timing steps until this many seconds (median)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--budget", default="1GB", help="memory budget of mode auto (bytes, '1GB', or a fraction)")
     p.add_argument("--device", default="auto")
     p.add_argument("--full-mem-limit-gb", type=float, default=12.0,
                    help="skip full/checkpoint where their extrapolated memory exceeds this (CPU host safety)")
@@ -154,14 +167,15 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     modes = args.modes.split(",")
     base = dict(encoder=args.encoder, aggregator=args.aggregator, tile_px=args.tile_size, chunk=args.chunk,
-                steps=args.steps, min_time=args.min_time, dtype=args.dtype, device=device)
+                steps=args.steps, min_time=args.min_time, dtype=args.dtype, device=device, budget=args.budget)
     print(f"# bench_engine: {args.encoder} + {args.aggregator}, {args.tile_size} px, chunk {args.chunk}, {args.dtype}, "
-          f"{device}{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}")
+          f"{device}{' ' + torch.cuda.get_device_name() if device == 'cuda' else ''}, torch {torch.__version__}, "
+          f"auto budget {args.budget}")
     results: dict[tuple[int, str], dict] = {}
     for mode in modes:
         per_tile_mb = None
         for k in ks:
-            if per_tile_mb is not None and device == "cpu" and per_tile_mb * k / 1024 > args.full_mem_limit_gb:
+            if mode != "auto" and per_tile_mb is not None and device == "cpu" and per_tile_mb * k / 1024 > args.full_mem_limit_gb:
                 results[(k, mode)] = {**base, "k": k, "mode": mode, "skipped": True}
                 continue
             # CPU timing: glibc keeps freed memory (no trim, no per-tensor mmap). Otherwise it returns each chunk's
@@ -177,7 +191,7 @@ def main() -> None:
                                  env={"MALLOC_MMAP_THRESHOLD_": "65536"})
                 r["peak_mb"] = mem.get("peak_mb", float("nan"))
             results[(k, mode)] = r
-            if mode != "recompute" and "peak_mb" in r:
+            if mode in ("full", "checkpoint") and "peak_mb" in r:
                 per_tile_mb = r["peak_mb"] / k
             print(f"  done K={k:<6} {mode:<10} {r.get('step_s', float('nan')):8.2f} s  {r.get('peak_mb', float('nan')):9.1f} MB",
                   file=sys.stderr, flush=True)
@@ -203,6 +217,23 @@ def main() -> None:
         if (k, "full") in ok and (k, "recompute") in ok:
             print(f"recompute / full step time at K={k}: {ok[(k, 'recompute')]['step_s'] / ok[(k, 'full')]['step_s']:.2f}x"
                   " (goal <= 1.4x; floor 4/3)")
+    if "auto" in modes:
+        from fullslide.engine.budget import parse_bytes, resolve_budget
+
+        budget_mb = resolve_budget(parse_bytes(args.budget), torch.device(device)) / 2**20
+        print(f"\nauto under a {budget_mb:,.0f} MB budget:")
+        for k in ks:
+            a = ok.get((k, "auto"))
+            if a is None:
+                continue
+            line = (f"  K={k:<6} kept {a.get('kept_chunks', 0)}/{a.get('kept_chunks', 0) + a.get('recomputed_chunks', 0)}"
+                    f" chunks, peak {a['peak_mb']:,.0f} MB = {a['peak_mb'] / budget_mb:.2f}x budget (goal <= 1.10)")
+            f, rc = ok.get((k, "full")), ok.get((k, "recompute"))
+            if f is not None and f["peak_mb"] <= budget_mb:
+                line += f"; auto/full time {a['step_s'] / f['step_s']:.2f}x (goal <= 1.05)"
+            if rc is not None:
+                line += f"; auto/recompute time {a['step_s'] / rc['step_s']:.2f}x (goal <= 1.0)"
+            print(line)
     if device == "cuda":
         for k in ks:
             if (k, "recompute") in ok:
