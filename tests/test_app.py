@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -236,7 +237,7 @@ def test_out_of_memory_is_reported_with_k_and_chunk(cohort: Path, tmp_path: Path
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer_module, "step", oom)
-    with pytest.raises(FullslideError, match="K=24 tiles per slide, chunk_tiles=16, mode=recompute: lower"):
+    with pytest.raises(FullslideError, match="K=24 tiles per slide, chunk_tiles=16, mode=auto: lower"):
         Trainer(app_config(tmp_path, cohort), progress=False).run()
 
 
@@ -315,3 +316,18 @@ def test_stop_request_mid_epoch_saves_and_resume_replays_the_same_steps(trained:
     ref = [r for r in csv.DictReader(open(trained / "metrics.csv"))]
     for a, b in zip(ours, ref):
         assert {k: a[k] for k in ("train_loss", "val_loss", "val_auc")} == {k: b[k] for k in ("train_loss", "val_loss", "val_auc")}
+
+
+def test_auto_chunk_size_and_budget_are_logged_and_kept_for_the_run(cohort: Path, tmp_path: Path) -> None:
+    """chunk_tiles: auto is chosen once from a probe and stored in the run state (it is part of the seeding
+    contract); the first step logs what auto kept under the budget."""
+    config = app_config(tmp_path, cohort, train={"epochs": 1, "chunk_tiles": "auto", "memory_budget": "2MB"})
+    run = train(config, progress=False)
+    log_text = (run / "train.log").read_text()
+    assert re.search(r"chunk_tiles auto: (8|16|32) ", log_text)
+    assert re.search(r"auto: keeping the graphs of \d+ chunk\(s\) \(\d+ tiles\), recomputing \d+; predicted peak", log_text)
+    last = run / "checkpoints" / json.loads((run / "checkpoints/last.json").read_text())["checkpoint"]
+    chosen = json.loads((last / "state.json").read_text())["chunk_tiles"]
+    resumed = Trainer(resume=run, progress=False)
+    resumed._setup()
+    assert resumed.chunk_tiles == chosen
