@@ -159,3 +159,12 @@ def test_experiment_arguments_are_checked(tmp_path: Path, capsys: pytest.Capture
             parse_ks(bad)
     assert main(["experiment", "e2e-vs-frozen", "--out", str(tmp_path), "--signals", "focal,spots"]) == 2
     assert "--signals" in capsys.readouterr().err
+    # one folder, one experiment: other settings are refused before anything runs
+    from fullslide.experiments.common import check_settings
+
+    check_settings(tmp_path / "exp", "k-sweep", {"ks": [8, "all"], "slides": 12})
+    check_settings(tmp_path / "exp", "k-sweep", {"ks": [8, "all"], "slides": 12})  # the same: accepted
+    assert main(["experiment", "k-sweep", "--out", str(tmp_path / "exp"), "--quick", "--ks", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "use another --out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "exp" / "workspace").exists()

@@ -38,6 +38,64 @@ class CohortSpec:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What every experiment sets: its cohort and its training schedule (defaults: the 40-minute budget)."""
+
+    slides: int = 80
+    size: int = 3072
+    lesion_fraction: float = 0.01
+    lesion_contrast: float = 0.5
+    stain_variation: float = 0.35
+    cohort_seed: int = 0
+    epochs: int = 10
+    encoder_lr: float = 2e-4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainSpec:
+    """The experiments' "foundation model": ``tinycnn`` pretrained with SimCLR (``fullslide pretrain``) on a
+    separate cohort - other slides (its own seed), full-contrast lesions on 3% of positive slides' tissue - whose
+    labels are never used."""
+
+    slides: int = 16
+    size: int = 3072
+    epochs: int = 20
+    tiles_per_slide: int = 512
+    batch: int = 256
+    stain_variation: float = 0.35
+    seed: int = 1000
+
+    @staticmethod
+    def quick() -> "PretrainSpec":
+        return PretrainSpec(slides=3, size=1024, epochs=2, tiles_per_slide=256, batch=64)
+
+    def cohort(self) -> CohortSpec:
+        return CohortSpec(slides=self.slides, size=self.size, signal="focal", lesion_fraction=0.03,
+                          stain_variation=self.stain_variation, seed=self.seed)
+
+    def settings(self) -> Any:
+        from fullslide.train.pretrain import PretrainSettings
+
+        return PretrainSettings(epochs=self.epochs, tiles_per_slide=self.tiles_per_slide, batch=self.batch)
+
+
+def check_settings(out: Path, experiment: str, settings: dict[str, Any]) -> None:
+    """An experiment folder holds one experiment with one set of settings: refuse to mix (its finished runs
+    would be kept and reported beside runs made with other settings)."""
+    from fullslide.errors import ConfigError
+
+    path = out / "experiment.json"
+    record = json.loads(json.dumps({"experiment": experiment, "settings": settings}))  # tuples -> lists
+    if path.exists():
+        if json.loads(path.read_text()) != record:
+            raise ConfigError(f"{out}: holds a {json.loads(path.read_text()).get('experiment')} experiment with other "
+                              "settings (see its experiment.json); use another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(record, indent=1))
+
+
 def _stage(folder: Path, settings: dict[str, Any], build: Callable[[], None]) -> None:
     """Run ``build`` unless ``folder/stage.json`` records the same settings (then the folder is reused)."""
     marker = folder / "stage.json"
@@ -73,11 +131,11 @@ def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2)
     return folder / "cohort" / "labels.csv", folder / "tiles"
 
 
-def prepare_encoder(root: Path, spec: CohortSpec, settings: Any) -> Path:
-    """The "foundation model": ``settings`` (PretrainSettings) of SimCLR on a separate, label-free cohort
-    ``spec`` (cached). Returns the weights file."""
+def prepare_encoder(root: Path, pretrain_spec: PretrainSpec) -> Path:
+    """The pretrained encoder of ``pretrain_spec`` (cached); returns the weights file."""
     from fullslide.train.pretrain import pretrain
 
+    spec, settings = pretrain_spec.cohort(), pretrain_spec.settings()
     _, tiles = prepare_cohort(root, "pretrain_cohort", spec)
     folder = root / "encoder"
     weights = folder / "pretrained.safetensors"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fullslide.experiments.common import (
-    CohortSpec, cached_run, prepare_cohort, prepare_encoder, run_config, train_and_test, write_results,
+    CohortSpec, PretrainSpec, RunSettings, cached_run, check_settings, prepare_cohort, prepare_encoder, run_config, train_and_test, write_results,
 )
 
 log = logging.getLogger("fullslide.experiment")
@@ -30,44 +30,23 @@ EXPERIMENT = "e2e-vs-frozen"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(RunSettings):
     """One e2e-vs-frozen experiment; ``quick()`` is the 3-minute plumbing check."""
 
-    slides: int = 80
-    size: int = 3072
-    lesion_fraction: float = 0.01
     lesion_contrast: float = 0.4
     diffuse_strength: float = 0.5
-    stain_variation: float = 0.35
-    cohort_seed: int = 0
-    epochs: int = 10
     tiles_per_slide: int | str = 256
-    encoder_lr: float = 2e-4
-    pretrain_slides: int = 16
-    pretrain_epochs: int = 20
-    pretrain_tiles_per_slide: int = 512
-    pretrain_batch: int = 256
+    pretrain: PretrainSpec = PretrainSpec()
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(slides=12, size=1024, lesion_fraction=0.05, epochs=2, tiles_per_slide=32, pretrain_slides=3,
-                        pretrain_epochs=2, pretrain_tiles_per_slide=256, pretrain_batch=64)
+        return Settings(slides=12, size=1024, lesion_fraction=0.05, epochs=2, tiles_per_slide=32,
+                        pretrain=PretrainSpec.quick())
 
     def cohort(self, signal: str) -> CohortSpec:
         return CohortSpec(slides=self.slides, size=self.size, signal=signal, lesion_fraction=self.lesion_fraction,
                           lesion_contrast=self.lesion_contrast, diffuse_strength=self.diffuse_strength,
                           stain_variation=self.stain_variation, seed=self.cohort_seed)
-
-    def pretrain_cohort(self) -> CohortSpec:
-        """The pretraining cohort: other slides (another seed), full-contrast lesions, no labels used."""
-        return CohortSpec(slides=self.pretrain_slides, size=self.size, signal="focal", lesion_fraction=0.03,
-                          stain_variation=self.stain_variation, seed=self.cohort_seed + 1000)
-
-    def pretrain_settings(self) -> Any:
-        from fullslide.train.pretrain import PretrainSettings
-
-        return PretrainSettings(epochs=self.pretrain_epochs, tiles_per_slide=self.pretrain_tiles_per_slide,
-                                batch=self.pretrain_batch)
 
 
 def run_pair(out: Path, settings: Settings, signal: str, seed: int, weights: Path) -> list[dict[str, Any]]:
@@ -104,7 +83,8 @@ def run(out: str | Path, *, signals: list[str], seeds: int, seed_offset: int = 0
 
     out = Path(out)
     settings = settings or (Settings.quick() if quick else Settings())
-    weights = prepare_encoder(out / "workspace", settings.pretrain_cohort(), settings.pretrain_settings())
+    check_settings(out, EXPERIMENT, {**dataclasses.asdict(settings), "signals": signals})
+    weights = prepare_encoder(out / "workspace", settings.pretrain)
     rows = []
     for signal in signals:
         for seed in range(seed_offset, seed_offset + seeds):

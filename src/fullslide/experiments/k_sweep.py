@@ -17,9 +17,8 @@ from typing import Any
 
 from fullslide.errors import ConfigError
 from fullslide.experiments.common import (
-    CohortSpec, cached_run, prepare_cohort, prepare_encoder, run_config, train_and_test, write_results,
+    CohortSpec, PretrainSpec, RunSettings, cached_run, check_settings, prepare_cohort, prepare_encoder, run_config, train_and_test, write_results,
 )
-from fullslide.experiments.e2e_vs_frozen import Settings as PretrainedSettings
 
 log = logging.getLogger("fullslide.experiment")
 EXPERIMENT = "k-sweep"
@@ -27,22 +26,14 @@ DEFAULT_KS = "8,32,128,512,all"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(RunSettings):
     """One k-sweep; ``quick()`` is the 3-minute plumbing check."""
 
-    slides: int = 80
-    size: int = 3072
-    lesion_fraction: float = 0.01
-    lesion_contrast: float = 0.5
-    stain_variation: float = 0.35
-    cohort_seed: int = 0
-    epochs: int = 10
-    encoder_lr: float = 2e-4
-    encoder: PretrainedSettings = PretrainedSettings()
+    pretrain: PretrainSpec = PretrainSpec()
 
     @staticmethod
     def quick() -> "Settings":
-        return Settings(slides=12, size=1024, lesion_fraction=0.05, epochs=2, encoder=PretrainedSettings.quick())
+        return Settings(slides=12, size=1024, lesion_fraction=0.05, epochs=2, pretrain=PretrainSpec.quick())
 
     def cohort(self) -> CohortSpec:
         return CohortSpec(slides=self.slides, size=self.size, signal="focal", lesion_fraction=self.lesion_fraction,
@@ -74,7 +65,8 @@ def run(out: str | Path, *, ks: list[int | str], seeds: int, seed_offset: int = 
     out = Path(out)
     settings = settings or (Settings.quick() if quick else Settings())
     workspace = out / "workspace"
-    weights = prepare_encoder(workspace, settings.encoder.pretrain_cohort(), settings.encoder.pretrain_settings())
+    check_settings(out, EXPERIMENT, {**dataclasses.asdict(settings), "ks": ks})
+    weights = prepare_encoder(workspace, settings.pretrain)
     cohort, tiles = prepare_cohort(workspace, "cohort_focal", settings.cohort())
     rows: list[dict[str, Any]] = []
     for seed in range(seed_offset, seed_offset + seeds):

@@ -163,7 +163,7 @@ def e2e_report(out: Path, rows: list[dict[str, Any]], settings: Any) -> Path:
         f"Synthetic cohorts of {settings.slides} slides ({settings.size} px a side at 0.5 mpp; tiles of 32 px at "
         f"1 um/px): `focal` (lesions on about {settings.lesion_fraction:.1%} of the tissue of positive slides, "
         f"contrast {settings.lesion_contrast}) and `diffuse` (strength {settings.diffuse_strength}). Both arms start "
-        f"from the same `tinycnn` pretrained with SimCLR on {settings.pretrain_slides} other, unlabelled slides. "
+        f"from the same `tinycnn` pretrained with SimCLR on {settings.pretrain.slides} other, unlabelled slides. "
         f"Frozen: features extracted once, gated-attention aggregator on all tiles. End-to-end: encoder and "
         f"aggregator trained jointly on K={settings.tiles_per_slide} tiles per slide per step. Same splits, "
         f"{settings.epochs} epochs, seeds {seeds}; test on all tiles.",

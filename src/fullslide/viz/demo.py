@@ -29,7 +29,7 @@ from fullslide.errors import ConfigError
 log = logging.getLogger("fullslide.demo")
 
 DEFAULTS: dict[str, Any] = {"slides": 60, "epochs": 16, "size": (2048, 2048), "lesion_fraction": 0.01,
-                            "stain_variation": 0.35}
+                            "stain_variation": 0.35, "lesion_contrast": 1.0}
 
 
 def _config(out: Path, name: str, cohort: Path, tiles: Path, seed: int, epochs: int, **extra: Any):
@@ -120,7 +120,7 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     t0 = time.perf_counter()
     cohort = make_cohort(out / "cohort", n_slides, signal="focal", size=wh, mpp=0.5,
                          lesion_fraction=DEFAULTS["lesion_fraction"], stain_variation=DEFAULTS["stain_variation"],
-                         seed=seed, workers=2)
+                         lesion_contrast=DEFAULTS["lesion_contrast"], seed=seed, workers=2)
     timings["synthesize"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tiles = out / "tiles"
@@ -164,7 +164,8 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     timings["evaluate + heatmaps"] = time.perf_counter() - t0
     curves = plot_curves({"end-to-end": out / "e2e", "frozen encoder": out / "frozen"}, out / "curves.png")
     intro = (f"Synthetic `focal` cohort: {n_slides} slides of {wh[0]}x{wh[1]} px at 0.5 mpp; positive slides hold "
-             f"lesion foci (larger, darker, denser nuclei) on about {DEFAULTS['lesion_fraction']:.0%} of their tissue; "
+             f"lesion foci (larger, darker, denser nuclei; contrast {DEFAULTS['lesion_contrast']} of the full "
+             f"difference from normal tissue) on about {DEFAULTS['lesion_fraction']:.0%} of their tissue; "
              f"stain strength varies by up to {DEFAULTS['stain_variation']:.0%} between patients, as between sites. "
              "Tiles of 32 px at 1.0 mpp. "
              f"Both models start from the same `tinycnn` encoder, pretrained without labels (SimCLR, "
