@@ -29,7 +29,7 @@ from fullslide.errors import ConfigError
 log = logging.getLogger("fullslide.demo")
 
 DEFAULTS: dict[str, Any] = {"slides": 60, "epochs": 16, "size": (2048, 2048), "lesion_fraction": 0.01,
-                            "stain_variation": 0.35, "lesion_contrast": 1.0}
+                            "stain_variation": 0.35, "lesion_contrast": 0.6}
 
 
 def _config(out: Path, name: str, cohort: Path, tiles: Path, seed: int, epochs: int, **extra: Any):
