@@ -5,7 +5,8 @@
 #   3. the largest K per mode for ViT-B/16 (K doubled until out of memory);
 #   4. recompute peak memory at K = 20,000 for ViT-B/16 (the paper spread ~20,000 tiles over ~34 GPUs);
 #   5. the data path: loader + training against the engine alone with 8 loader workers (needs >= 9 CPU cores);
-#   6. check-grad on the GPU (float32 and bfloat16).
+#   6. check-grad on the GPU (float32 and bfloat16);
+#   7. `fullslide plan` for ViT-B/16 at K = 4096 on this GPU (allocator probe), to compare with part 1's peaks.
 # Usage (from the repository root, the project installed): bash benchmarks/gpu_suite.sh [OUT_DIR]
 # Each part has its own time limit, so one slow part cannot take the whole budget; a part that fails is noted.
 set -u
@@ -29,6 +30,8 @@ run vit_b_k20000 120 $py benchmarks/bench_engine.py --device cuda --encoder vit_
     --dtype bfloat16 --ks 20000 --modes recompute --chunk 256 --steps 1 --min-time 0 --json "$out/vit_b_k20000.json"
 run data_path 120 $py benchmarks/bench_loader.py --device cuda --workers 8 --tile-px 224 --mpp 0.5 --k 1024 \
     --chunk 128 --epochs 2 --json "$out/data_path.json"
+run plan_vit_b 60 fullslide plan --set encoder.name=vit_base_patch16_224 --set data.tile_px=224 \
+    --set train.tiles_per_slide=4096 --set train.chunk_tiles=128 --set train.precision=bf16 --set train.device=cuda
 run check_grad 90 bash -c "fullslide check-grad --device cuda --nproc 1 && fullslide check-grad --device cuda --nproc 1 --dtype bfloat16"
 $py - "$out" <<'PY'
 import json, sys

@@ -77,9 +77,10 @@ def test_fine_tuning_controls_are_exact_on_a_vit_recipe(control: str) -> None:
     spec = CheckSpec(encoder="uni", encoder_kwargs={"depth": 3, "img_size": 32, "embed_dim": 64, "num_heads": 4},
                      tiles=[10, 7], slides=2, chunk_tiles=4, tile_px=32, steps=2,
                      trainable_blocks=1 if control == "trainable_blocks" else None,
-                     lora_rank=4 if control == "lora" else 0, grad_checkpointing=control == "grad_checkpointing")
+                     lora_rank=4 if control == "lora" else 0, grad_checkpointing=control == "grad_checkpointing",
+                     modes=["full", "checkpoint", "recompute", "auto-half"])
     rows, _ = run_checks(spec, [2], tol=5e-5, progress=lambda m: None)
-    assert len(rows) == 6 and all(r.ok for r in rows), rows
+    assert len(rows) == 8 and all(r.ok for r in rows), rows
 
 
 def test_fine_tuning_controls_choose_the_trained_parameters_and_their_learning_rates() -> None:
