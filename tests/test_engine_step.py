@@ -328,7 +328,7 @@ def test_auto_probe_changes_no_draw_and_no_buffer() -> None:
     """The probe's forward runs under a forked RNG and restores buffers: dropout draws and BatchNorm
     statistics are what they would have been without it."""
     torch.manual_seed(0)
-    model = create_model("resnet18", "gma", 2, tile_px=16, freeze_bn=False, drop_rate=0.0).train()
+    model = create_model("resnet18", "gma", 2, tile_px=16, freeze_bn=False, drop_rate=0.5).train()  # draws
     slides, y = _slides([9]), torch.tensor([1])
     bn = dict(model.encoder.named_buffers())
     before = {k: v.clone() for k, v in bn.items()}
