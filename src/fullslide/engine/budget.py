@@ -75,8 +75,8 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Probe]]" = weakref.Wea
 
 
 def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
-             amp_dtype: torch.dtype | None) -> tuple[int, int, torch.Tensor]:
-    """(bytes held for backward after ``module(sample)``, peak bytes during it, the output's first tensor)
+             amp_dtype: torch.dtype | None) -> tuple[int, int, int]:
+    """(bytes held for backward after ``module(sample)``, peak bytes during it, the output's last dimension)
     under a forked RNG, with the module's buffers restored afterwards."""
     from fullslide.engine.memory import SavedTensorMeter
     from fullslide.engine.recompute import autocast_ctx
@@ -97,13 +97,12 @@ def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
             with meter, torch.enable_grad(), autocast_ctx(device, amp_dtype):
                 out = module(sample)
             held, peak = meter.current_bytes, meter.peak_bytes
-        first = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
-        shape_source = out.detach() if isinstance(out, torch.Tensor) else first
+        width = int(out.shape[-1]) if isinstance(out, torch.Tensor) else 0
         del out  # frees the probe's graph
     with torch.no_grad():
         for name, b in module.named_buffers():
             b.copy_(buffers[name])
-    return held, peak, shape_source
+    return held, peak, width
 
 
 def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.device, amp_dtype: torch.dtype | None,
@@ -116,22 +115,20 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
         return cached[key]
     sample = tiles[:PROBE_TILES].to(device)
     n = int(sample.shape[0])
-    held, peak, out = _measure(encoder, sample, device, amp_dtype)
-    feature_dim = int(out.shape[-1])
+    held, peak, feature_dim = _measure(encoder, sample, device, amp_dtype)
     transient = max(peak - held, 0) / n
-    per_chunk = 0.0
+    per_tile, per_chunk = held / n, 0.0
     if n >= 2:  # a second, smaller probe separates what a chunk graph holds per tile from what it holds once
         small = n // 2
         held_small, _, _ = _measure(encoder, sample[:small], device, amp_dtype)
         per_tile = (held - held_small) / (n - small)
         per_chunk = max(0.0, held - n * per_tile)
-        held = n * per_tile
     agg = 0.0
     if aggregator is not None:
         m = 256
         agg_held, _, _ = _measure(aggregator, torch.zeros((m, feature_dim), device=device).requires_grad_(), device, None)
         agg = agg_held / m
-    probe = Probe(graph_bytes_per_tile=max(held, 1) / n, transient_bytes_per_tile=transient,
+    probe = Probe(graph_bytes_per_tile=max(per_tile, 1 / n), transient_bytes_per_tile=transient,
                   feature_dim=feature_dim, source="cuda allocator" if device.type == "cuda" else "saved-tensor hooks",
                   aggregator_bytes_per_tile=agg, graph_bytes_per_chunk=per_chunk)
     cached[key] = probe
@@ -139,10 +136,11 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory now: the CUDA device's free memory, or the host's available RAM."""
+    """Free memory now: on CUDA the device's free memory plus what PyTorch's caching allocator holds unused (it
+    is ours to reuse; without it the budget would shrink after the first step), else the host's available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
@@ -155,15 +153,15 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)  # pragma: no cover
 
 
-def resolve_budget(budget: int | float | str | None, device: torch.device) -> int:
+def resolve_budget(budget: int | float | str | None, device: torch.device, *, available: int | None = None) -> int:
     """Bytes from ``budget``: None (the default share of free memory), a fraction in (0, 1] of free memory,
-    a byte count, or a string such as ``"8GB"`` / ``"512MiB"``."""
-    if budget is None:
-        return int(DEFAULT_BUDGET_FRACTION * available_bytes(device))
+    a byte count, or a string such as ``"8GB"`` / ``"512MiB"``. ``available`` replaces the free memory of
+    ``device`` (``fullslide plan --device-memory``)."""
     if isinstance(budget, str):
         budget = parse_bytes(budget)
-    if isinstance(budget, float) and 0 < budget <= 1:
-        return int(budget * available_bytes(device))
+    if budget is None or (isinstance(budget, float) and 0 < budget <= 1):
+        free = available_bytes(device) if available is None else available
+        return int((DEFAULT_BUDGET_FRACTION if budget is None else budget) * free)
     if budget <= 0 or not math.isfinite(float(budget)):
         raise ValueError(f"memory budget must be > 0 (bytes, a fraction of free memory, or e.g. '8GB'), got {budget}")
     return int(budget)

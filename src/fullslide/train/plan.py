@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fullslide.engine.budget import (
-    DEFAULT_BUDGET_FRACTION, Probe, choose_chunk_tiles, format_bytes, largest_k, mode_activation_bytes, parse_bytes,
+    Probe, choose_chunk_tiles, format_bytes, largest_k, mode_activation_bytes, parse_bytes,
     probe_encoder, resolve_budget,
 )
 from fullslide.engine.recompute import MODES
@@ -80,10 +80,7 @@ def plan_config(config: Any, *, k: int | None = None, device_memory: str | None 
         total = parse_bytes(device_memory)
         if total <= 1:
             raise ConfigError(f"--device-memory {device_memory!r}: give a size such as 80GB")
-        budget = train.memory_budget
-        budget = parse_bytes(budget) if isinstance(budget, str) else budget
-        budget_bytes = int(total * (budget if budget is not None and budget <= 1 else DEFAULT_BUDGET_FRACTION)) \
-            if budget is None or budget <= 1 else int(budget)
+        budget_bytes = resolve_budget(train.memory_budget, where, available=int(total))
         amp = torch.bfloat16 if train.precision in ("auto", "bf16") else (
             torch.float16 if train.precision == "fp16" else None)
     else:

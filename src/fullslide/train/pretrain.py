@@ -63,8 +63,8 @@ class PretrainSettings:
 def load_tiles(coords_dir: str | Path, tiles_per_slide: int, seed: int) -> tuple[torch.Tensor, int]:
     """A seeded sample of up to ``tiles_per_slide`` tiles of every slide tiled into ``coords_dir``:
     (uint8 [N, 3, P, P], number of slides). Slides whose file cannot be read are skipped with a warning."""
-    from fullslide.slides import open_slide, read_coords
-    from fullslide.slides.coords_io import read_coords_attrs
+    from fullslide.slides import open_slide
+    from fullslide.slides.coords_io import read_coords_and_attrs
 
     files = sorted(Path(coords_dir).glob("patches/*.h5")) or sorted(Path(coords_dir).glob("*.h5"))
     if not files:
@@ -72,8 +72,8 @@ def load_tiles(coords_dir: str | Path, tiles_per_slide: int, seed: int) -> tuple
     parts, sizes = [], set()
     for i, h5 in enumerate(files):
         try:
-            coords, geometry = read_coords(h5)
-            slide_path = str(read_coords_attrs(h5)["slide_path"])
+            coords, geometry, attrs = read_coords_and_attrs(h5)  # one read of the file
+            slide_path = str(attrs["slide_path"])
             pick = np.random.default_rng([seed, i]).permutation(len(coords))[:tiles_per_slide]
             with open_slide(slide_path) as slide:
                 parts.append(slide.read_tiles(coords[np.sort(pick)], geometry, channels_first=True))
