@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--full-mem-limit-gb", type=float, default=12.0,
                    help="skip full/checkpoint where their extrapolated memory exceeds this (CPU host safety)")
     p.add_argument("--find-max-k", action="store_true", help="GPU: double K per mode until out of memory")
+    p.add_argument("--max-k-cap", type=int, default=65536,
+                   help="--find-max-k stops doubling here (the tiles of one step live in host memory)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -241,12 +243,13 @@ def main() -> None:
         if args.find_max_k:
             for m in modes:
                 k = ks[-1]
-                while True:
+                while k * 2 <= args.max_k_cap:
                     r = run_config({**base, "k": k * 2, "mode": m, "steps": 1, "min_time": 0.0}, args.timeout)
                     if r.get("oom") or "error" in r:
                         break
                     k *= 2
-                print(f"largest K that fits ({m}): {k} (next doubling failed)")
+                why = "next doubling failed" if k * 2 <= args.max_k_cap else f"cap --max-k-cap {args.max_k_cap} reached"
+                print(f"largest K that fits ({m}): {k} ({why})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump([r for r in results.values()], fh, indent=1)

@@ -9,13 +9,21 @@
 #   7. `fullslide plan` for ViT-B/16 at K = 4096 on this GPU (allocator probe), to compare with part 1's peaks.
 # Usage (from the repository root, the project installed): bash benchmarks/gpu_suite.sh [OUT_DIR]
 # Each part has its own time limit, so one slow part cannot take the whole budget; a part that fails is noted.
+# GPU_SUITE_BUDGET_S (default 900) caps the whole suite: each part gets min(its limit, what is left minus the
+# time reserved for the parts after it), so a lease of a few minutes still reaches every part.
 set -u
 out=${1:-gpu_suite}
+deadline=$(( $(date +%s) + ${GPU_SUITE_BUDGET_S:-900} ))
+parts_left=7
 mkdir -p "$out"
 py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>&1 || true
 run() {  # run NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
+    parts_left=$((parts_left - 1))
+    local left=$(( deadline - $(date +%s) - 25 * parts_left ))  # keep >= 25 s for each later part
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then echo "== $name: skipped (suite budget spent)" | tee -a "$out/log.txt"; return; fi
     echo "== $name (limit ${limit}s): $*" | tee -a "$out/log.txt"
     if timeout "$limit" "$@" > "$out/$name.txt" 2>&1; then echo "ok" >> "$out/log.txt"; else echo "FAILED or timed out (rc $?)" | tee -a "$out/log.txt"; fi
 }
