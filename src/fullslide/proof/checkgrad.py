@@ -6,19 +6,22 @@ engine). For every process count it then launches that many workers itself, the 
 rendezvous on localhost; NCCL on GPUs, gloo on CPUs); the workers run every tile-parallel layout and memory
 mode on the same model, tiles and seeds, and *every* rank writes what it ends with. What is compared:
 
-- the gradient after step 1, which accumulates ``micro_batches`` engine calls without zeroing in between (so
-  a step that drops or re-reduces a pre-existing ``.grad`` shows);
+- the gradient of every one of ``steps`` SGD steps (momentum 0.9, weight decay), each accumulating
+  ``micro_batches`` engine calls without zeroing in between (so a step that drops or re-reduces a pre-existing
+  ``.grad`` shows), and the parameter update the optimizer makes from it (per-parameter learning rates where
+  layer-wise decay is on: fullslide's optimizer groups in the workers, the rule written again in the reference);
 - which parameters have a gradient at all (an unused parameter must keep ``.grad = None``);
-- the parameter *updates* (after minus before) over ``steps`` SGD steps (momentum 0.9, weight decay).
+- the buffers after the last step, and that a step leaves the parameters and the global RNG untouched.
+
+Every step starts from the reference's weights of that step (:mod:`fullslide.proof.compare` says why); float16
+runs use a real ``torch.amp.GradScaler``, handed to the engine as training does.
 
 The model carries the probes of :mod:`fullslide.proof.probes` (tied, frozen and unused parameters, drop-path)
 and attention pooling streams over chunks of ``aggregator_chunk_tiles`` tiles, smaller than a slide, so the
 online softmax must rescale when a later chunk holds the highest score (the reference reports how often).
 
-Error of a tensor: ``max |a - b| / max(max |b|, ZERO_FLOOR * G)``, where ``G`` is the largest ``|b|`` of its
-group (encoder gradients, aggregator gradients, updates). The floor only matters for tensors whose reference
-is (analytically) zero to within ``ZERO_FLOOR`` of the group, like an attention bias under softmax, where any
-rounding would otherwise read as a 100% error; every other tensor is judged against its own size.
+``check-grad --suite`` runs the scenarios of :mod:`fullslide.proof.suite` (every aggregator, bf16 and fp16,
+the fine-tuning controls, long peaked slides, the default resnet18 + GMA) in one launch per process count.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from fullslide.proof import CHECK_MODES
+from fullslide.proof.compare import (  # noqa: F401 (re-exported)
+    ZERO_FLOOR, CheckRow, compare_steps, max_rel_error, rounding_noise, tensor_errors, tolerances,
+)
+
+from fullslide.proof.trajectory import Trajectory, load_run, save_run, train_steps
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: Default tolerance per dtype: the largest per-tensor error measured on every layout (BENCHMARKS.md) with margin.
-TOLERANCES = {"float32": 5e-5, "bfloat16": 1e-2, "float16": 1e-2}
-ZERO_FLOOR = 1e-2
 
 
 @dataclass
@@ -75,21 +80,41 @@ class CheckSpec:
     lora_rank: int = 0
     lora_dropout: float = 0.1
     grad_checkpointing: bool = False
+    layer_decay: float = 1.0  # < 1: per-layer learning rates (the optimizer's view is compared)
+    attention_scale: float = 1.0  # > 1: sharper attention scores (peaked pooling)
+    nprocs: list[int] | None = None  # process counts this spec runs at (None: every one asked for)
+    name: str = ""  # the scenario's name in a suite
+    tol: float | None = None  # None: the dtype's default (fullslide.proof.compare.tolerances)
 
     def k_of(self, slide: int) -> int:
         return self.tiles[slide % len(self.tiles)]
 
     def layouts(self, nproc: int) -> list[int]:
+        if self.nprocs is not None and nproc not in self.nprocs:
+            return []
         options = self.tile_parallel or [d for d in range(1, nproc + 1) if nproc % d == 0]
         return [t for t in options if nproc % t == 0]
 
+    def describe(self) -> str:
+        ks = ",".join(str(self.k_of(i)) for i in range(self.slides))
+        extra = "".join(f" {k}={v}" for k, v in (("lora_rank", self.lora_rank), ("trainable_blocks", self.trainable_blocks),
+                                                    ("grad_checkpointing", self.grad_checkpointing),
+                                                    ("layer_decay", self.layer_decay), ("attention_scale", self.attention_scale))
+                        if v not in (0, None, False, 1.0))
+        return (f"encoder={self.encoder} aggregator={self.aggregator} tile={self.tile_px}px K=[{ks}] chunk={self.chunk_tiles} "
+                f"agg_chunk={self.aggregator_chunk_tiles} dtype={self.dtype}{' +GradScaler' if self.dtype == 'float16' else ''} "
+                f"device={self.device} steps={self.steps}x{self.micro_batches} probes={'on' if self.probes else 'off'}{extra}")
 
-def build_model(spec: CheckSpec, device: torch.device) -> torch.nn.Module:
-    """The model under test (with the probes), initialised identically in every process."""
-    from fullslide.models import create_model
+
+def build_model(spec: CheckSpec, device: torch.device, *, reference: bool = False) -> torch.nn.Module:
+    """The model under test (with the probes), initialised identically in every process.
+
+    The reference's model applies ``trainable_blocks`` by its own rule (:mod:`fullslide.proof.reference`) and no
+    block checkpointing (which must not change the gradient), so a bug in either shows as a difference.
+    """
+    from fullslide.models import create_model, finetune
     from fullslide.proof.probes import add_probes
-
-    from fullslide.models import finetune
+    from fullslide.proof.reference import train_only_last_blocks
 
     torch.manual_seed(spec.seed)
     model = create_model(
@@ -103,12 +128,30 @@ def build_model(spec: CheckSpec, device: torch.device) -> torch.nn.Module:
                 if isinstance(module, finetune.LoRALinear):
                     torch.nn.init.normal_(module.lora_b, std=0.02)
     if spec.trainable_blocks is not None:
-        finetune.train_last_blocks(model.encoder, spec.trainable_blocks)
-    if spec.grad_checkpointing:
+        (train_only_last_blocks if reference else finetune.train_last_blocks)(model.encoder, spec.trainable_blocks)
+    if spec.grad_checkpointing and not reference:
         finetune.set_block_checkpointing(model.encoder, True)
     if spec.probes:
-        add_probes(model, spec.drop_path_rate)
+        add_probes(model, spec.drop_path_rate, spec.attention_scale)
     return model.to(device).train()
+
+
+def learning_rates(spec: CheckSpec, model: torch.nn.Module, *, reference: bool) -> dict[str, tuple[float, float]]:
+    """(lr, weight decay) of every parameter as the optimizer sees it: fullslide's layer-decay groups in the
+    workers, the rule written again from its specification in the reference; uniform without layer decay."""
+    rates = {id(p): (spec.lr, spec.weight_decay) for p in model.parameters()}
+    encoder = model.encoder.inner if spec.probes else model.encoder  # the probes keep the base rate
+    if spec.layer_decay < 1:
+        if reference:
+            from fullslide.proof.reference import layer_decayed_lrs
+
+            rates.update(layer_decayed_lrs(encoder, spec.lr, spec.weight_decay, spec.layer_decay))
+        else:
+            from fullslide.models.finetune import layer_decay_groups
+
+            for group in layer_decay_groups(encoder, spec.lr, spec.weight_decay, spec.layer_decay):
+                rates.update({id(p): (group["lr"], group["weight_decay"]) for p in group["params"]})
+    return {n: rates[id(p)] for n, p in model.named_parameters()}
 
 
 def _same_kernels(device: torch.device) -> None:
@@ -120,11 +163,19 @@ def _same_kernels(device: torch.device) -> None:
 
 
 def make_slides(spec: CheckSpec, step_seed: int) -> list[torch.Tensor]:
-    """Deterministic uint8 tiles ``[K_i, 3, P, P]`` for every slide of one engine call."""
+    """Deterministic uint8 tiles ``[K_i, 3, P, P]`` for every slide of one engine call.
+
+    Tiles differ as tiles of a slide do: each has its own colour, brightness and contrast, plus pixel noise
+    (uniform noise alone gives every tile the same statistics, and a random encoder then gives them nearly the
+    same features, which would make attention uniform and hide bugs that depend on which tile is which)."""
     out = []
     for i in range(spec.slides):
         gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step_seed * 1009 + i)
-        out.append(torch.randint(0, 256, (spec.k_of(i), 3, spec.tile_px, spec.tile_px), generator=gen, dtype=torch.uint8))
+        k, px = spec.k_of(i), spec.tile_px
+        base = torch.rand((k, 3, 1, 1), generator=gen) * 255  # per-tile colour
+        contrast = torch.rand((k, 1, 1, 1), generator=gen) * 1.5
+        noise = torch.randn((k, 3, px, px), generator=gen) * 40
+        out.append((base + contrast * noise).clamp(0, 255).to(torch.uint8))
     return out
 
 
@@ -132,101 +183,56 @@ def targets_of(spec: CheckSpec) -> torch.Tensor:
     return torch.arange(spec.slides) % spec.n_classes
 
 
-def _scaled_ce(scale: float):
-    """Cross-entropy times a fixed loss scale (float16 runs: keeps small gradients representable)."""
-    return F.cross_entropy if scale == 1.0 else (lambda z, y: F.cross_entropy(z, y) * scale)
-
-
-class _MasterSGD:
-    """SGD (momentum 0.9, weight decay) on float64 master copies of the parameters.
-
-    Updates are compared as ``master_after - master_before``: with float32 parameters the subtraction alone would
-    carry an error of one float32 ulp of the parameter (1e-4 of a 3e-5 update on a 4e-2 weight), hiding the
-    gradient's own error. Like ``torch.optim.SGD``, a parameter whose ``.grad`` is None is skipped entirely.
-    """
-
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, momentum: float = 0.9) -> None:
-        self.params = dict(model.named_parameters())
-        self.master = {n: p.detach().double().clone() for n, p in self.params.items()}
-        self.start = {n: m.clone() for n, m in self.master.items()}
-        self.buf: dict[str, torch.Tensor] = {}
-        self.lr, self.wd, self.momentum = lr, weight_decay, momentum
-
-    @torch.no_grad()
-    def step(self, inv_scale: float = 1.0) -> None:
-        for n, p in self.params.items():
-            if p.grad is None:
-                continue
-            d = p.grad.double() * inv_scale + self.wd * self.master[n]
-            self.buf[n] = d if n not in self.buf else self.momentum * self.buf[n] + d
-            self.master[n] -= self.lr * self.buf[n]
-            p.copy_(self.master[n])
-
-    def updates(self) -> dict[str, torch.Tensor]:
-        return {n: (self.master[n] - self.start[n]).cpu() for n in self.master}
-
-
-def _train(spec: CheckSpec, model: torch.nn.Module, run_call) -> tuple[dict, dict, float]:
-    """``spec.steps`` SGD steps of ``spec.micro_batches`` calls each; return (grads after step 1, updates, peak MB)."""
-    from fullslide.engine.memory import PeakRSS
-
-    device = next(model.parameters()).device
-    # SGD with momentum, as the paper's own equivalence test: updates stay linear in the gradients. Adam would
-    # divide rounding noise on analytically-zero gradients by its own tiny magnitude (it measures Adam, not the
-    # engine). Weight decay makes a gradient of zeros where one process has None change the trajectory.
-    opt = _MasterSGD(model, spec.lr, spec.weight_decay)
-    scale = 1024.0 if spec.dtype == "float16" else 1.0  # a fixed loss scale: no skipped steps to compare
-    grads: dict[str, torch.Tensor] = {}
-    peak = 0.0
-    for s in range(spec.steps):
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        with PeakRSS() as rss:
-            for m in range(spec.micro_batches):
-                seed = s * spec.micro_batches + m
-                run_call(seed, make_slides(spec, seed), scale)
-        if device.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated(device) / 2**20)
-        else:
-            peak = max(peak, rss.peak_growth_bytes / 2**20)
-        if s == 0:
-            grads = {n: p.grad.detach().double().cpu() / scale for n, p in model.named_parameters()
-                     if p.grad is not None}
-        opt.step(1.0 / scale)
-    return grads, opt.updates(), peak
-
-
 @dataclass
 class Reference:
-    """The reference's results, and how often the streamed softmax had its maximum beyond the first chunk."""
+    """The reference's trajectory, and how hard its attention pooling was on the streamed path."""
 
-    grads: dict
-    updates: dict
-    peak_mb: float
-    late_peaks: int = 0
+    run: Trajectory
+    noise: list = field(default_factory=list)  # per step: one-ulp rounding noise of each gradient and update
+    late_peaks: int = 0  # slide-calls whose highest attention score lies beyond the first tile-stage chunk
     pooled_slides: int = 0
+    faint_chunks: int = 0  # tile-stage chunks whose attention weights were all below 1e-3
+    chunks: int = 0
+
+
+def _one_ulp(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """``weights`` with every element moved by one float32 ulp up or down (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: w * (1 + 2.0**-23 * (torch.randint(0, 2, w.shape, generator=gen, dtype=w.dtype) * 2 - 1))
+            for n, w in weights.items()}
 
 
 def reference(spec: CheckSpec) -> Reference:
-    """The single-process reference, computed in this process without the engine."""
+    """The single-process reference, computed in this process without the engine; then once more from weights
+    one ulp away, which measures each tensor's rounding noise (:mod:`fullslide.proof.compare`)."""
     from fullslide.proof.reference import reference_step
 
     device = torch.device(spec.device)
     _same_kernels(device)
-    model = build_model(spec, device)
     scores: list[torch.Tensor | None] = []
 
-    def run(seed: int, slides: list[torch.Tensor], scale: float) -> None:
-        reference_step(model, slides, targets_of(spec), _scaled_ce(scale), chunk_tiles=spec.chunk_tiles,
-                       aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
-                       amp_dtype=DTYPES[spec.dtype], scores_out=scores)
+    def trajectory(starts: list[dict[str, torch.Tensor]] | None) -> Trajectory:
+        model = build_model(spec, device, reference=True)
 
-    grads, updates, peak = _train(spec, model, run)
-    pooled = [a for a in scores if a is not None]
-    late = sum(int(a.argmax()) >= spec.aggregator_chunk_tiles for a in pooled)
-    return Reference(grads, updates, peak, late, len(pooled))
+        def run(seed: int, slides: list[torch.Tensor], scaler) -> None:
+            reference_step(model, slides, targets_of(spec), F.cross_entropy, chunk_tiles=spec.chunk_tiles,
+                           aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
+                           amp_dtype=DTYPES[spec.dtype], scores_out=scores if starts is None else None,
+                           grad_scaler=scaler)
+
+        return train_steps(spec, model, run, learning_rates(spec, model, reference=True), starts)
+
+    run_ = trajectory(None)
+    perturbed = trajectory([_one_ulp(w, spec.seed + s) for s, w in enumerate(run_.starts)])
+    ref = Reference(run_, noise=rounding_noise(perturbed.steps, run_.steps))
+    for a in (a for a in scores if a is not None):
+        w = torch.softmax(a.double(), 0)
+        ref.pooled_slides += 1
+        ref.late_peaks += int(a.argmax()) >= spec.aggregator_chunk_tiles
+        for part in w.split(spec.aggregator_chunk_tiles):
+            ref.chunks += 1
+            ref.faint_chunks += bool(part.max() < 1e-3)
+    return ref
 
 
 def auto_budget(mode: str, model: torch.nn.Module, bags: list, spec: CheckSpec) -> tuple[str, int | None]:
@@ -250,38 +256,40 @@ def auto_budget(mode: str, model: torch.nn.Module, bags: list, spec: CheckSpec) 
                               aggregator_tiles=agg)
 
 
-def worker_main(spec_path: str, out_dir: str) -> None:
-    """One rank of a launch: every (layout, mode) of the spec; every rank writes its results."""
+def worker_main(specs_path: str, out_dir: str) -> None:
+    """One rank of a launch: every (spec, layout, mode) that runs at this world size; every rank writes."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     from fullslide.engine import Bag, init_parallel, rank_tile_range, slides_for_group, step
 
-    spec = CheckSpec(**json.loads(Path(spec_path).read_text()))
-    _same_kernels(torch.device(spec.device))
+    specs = [CheckSpec(**d) for d in json.loads(Path(specs_path).read_text())]
     world = int(os.environ["WORLD_SIZE"])
-    for tp in spec.layouts(world):
-        ctx = init_parallel(tile_parallel=tp)
-        for mode in spec.modes:
-            model = build_model(spec, ctx.device)
-            mine = slides_for_group(spec.slides, ctx.dims.slide_groups, ctx.slide_group)
+    contexts: dict[int, object] = {}
+    for index, spec in enumerate(specs):
+        _same_kernels(torch.device(spec.device))
+        layouts = spec.layouts(world)
+        if not layouts:
+            continue
+        starts = load_run(Path(out_dir) / f"ref{index}", spec.steps).starts
+        for tp in layouts:
+            ctx = contexts.setdefault(tp, init_parallel(tile_parallel=tp))
+            for mode in spec.modes:
+                model = build_model(spec, ctx.device)
+                mine = slides_for_group(spec.slides, ctx.dims.slide_groups, ctx.slide_group)
 
-            def run(seed: int, slides: list[torch.Tensor], scale: float, mode=mode, model=model, mine=mine,
-                    ctx=ctx) -> None:
-                bags = []
-                for i in mine:
-                    start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
-                    bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i])))
-                engine_mode, budget = auto_budget(mode, model, bags, spec)
-                step(model, bags, targets_of(spec), _scaled_ce(scale), mode=engine_mode, memory_budget=budget,
-                     chunk_tiles=spec.chunk_tiles, aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
-                     amp_dtype=DTYPES[spec.dtype], parallel=ctx)
+                def run(seed: int, slides: list[torch.Tensor], scaler, mode=mode, model=model, mine=mine, ctx=ctx,
+                        spec=spec) -> None:
+                    bags = []
+                    for i in mine:
+                        start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
+                        bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i])))
+                    engine_mode, budget = auto_budget(mode, model, bags, spec)
+                    step(model, bags, targets_of(spec), F.cross_entropy, mode=engine_mode, memory_budget=budget,
+                         chunk_tiles=spec.chunk_tiles, aggregator_chunk_tiles=spec.aggregator_chunk_tiles,
+                         step_seed=seed, amp_dtype=DTYPES[spec.dtype], grad_scaler=scaler, parallel=ctx)
 
-            grads, updates, peak = _train(spec, model, run)
-            tag = Path(out_dir) / f"n{world}_t{tp}_{mode}_r{ctx.rank}"
-            save_file(grads, f"{tag}_grads.safetensors")
-            save_file(updates, f"{tag}_updates.safetensors")
-            Path(f"{tag}.json").write_text(json.dumps({"peak_mb": peak}))
+                result = train_steps(spec, model, run, learning_rates(spec, model, reference=False), starts)
+                save_run(result, Path(out_dir) / f"s{index}_n{world}_t{tp}_{mode}_r{ctx.rank}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -292,10 +300,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(spec: CheckSpec, nproc: int, out_dir: Path, timeout_s: float = 900.0) -> None:
+def launch(specs: list[CheckSpec], nproc: int, out_dir: Path, timeout_s: float = 1800.0) -> None:
     """Start ``nproc`` workers with torchrun's environment and wait; raise with the failing rank's stderr."""
-    spec_path = out_dir / f"spec_{nproc}.json"
-    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    spec_path = out_dir / f"specs_{nproc}.json"
+    spec_path.write_text(json.dumps([dataclasses.asdict(s) for s in specs]))
     port = _free_port()
     procs = []
     for rank in range(nproc):
@@ -318,98 +326,55 @@ def launch(spec: CheckSpec, nproc: int, out_dir: Path, timeout_s: float = 900.0)
         raise RuntimeError(f"--nproc {nproc}: " + "; ".join(failures))
 
 
-def tensor_errors(ours: dict, ref: dict, prefix: str) -> dict[str, float]:
-    """Per-tensor relative error of the tensors named ``prefix*`` (module docstring); inf where ``ours`` lacks one."""
-    names = [n for n in ref if n.startswith(prefix)]
-    scale = max((float(ref[n].abs().max()) for n in names if ref[n].numel()), default=0.0)
-    errors = {}
-    for name in names:
-        if name not in ours:
-            errors[name] = float("inf")
-            continue
-        diff = float((ours[name] - ref[name]).abs().max()) if ref[name].numel() else 0.0
-        denom = max(float(ref[name].abs().max()) if ref[name].numel() else 0.0, ZERO_FLOOR * scale)
-        errors[name] = diff / denom if denom > 0 else diff
-    return errors
-
-
-def max_rel_error(ours: dict, ref: dict, prefix: str = "") -> float:
-    """The worst per-tensor error among tensors named ``prefix*`` (and inf if ``ours`` has a tensor ``ref`` lacks)."""
-    if any(n.startswith(prefix) and n not in ref for n in ours):
-        return float("inf")
-    return max(tensor_errors(ours, ref, prefix).values(), default=0.0)
-
-
-@dataclass
-class CheckRow:
-    """One line of the check-grad table (the worst rank of the configuration)."""
-
-    nproc: int
-    tile_parallel: int
-    mode: str
-    encoder_grad: float
-    aggregator_grad: float
-    updates: float
-    peak_mb: float
-    ok: bool
-    worst: str = ""  # tensor@rank with the largest error
-    error: str = ""
-
-    @property
-    def slide_groups(self) -> int:
-        return self.nproc // self.tile_parallel
-
-
-def compare_rank(grads: dict, updates: dict, ref: Reference) -> tuple[tuple[float, float, float], str, str]:
-    """(encoder, aggregator, update) errors of one rank, its worst tensor, and a presence mismatch if any."""
-    extra, missing = sorted(set(grads) - set(ref.grads)), sorted(set(ref.grads) - set(grads))
-    problem = ""
-    if extra or missing:
-        problem = f"grad presence differs: has {extra[:3]} the reference has not, lacks {missing[:3]}"
-    errs = {f"{kind} {n}": e for kind, ours, theirs in (("grad", grads, ref.grads), ("update", updates, ref.updates))
-            for part in ("encoder.", "aggregator.") for n, e in tensor_errors(ours, theirs, part).items()}
-    groups = (
-        max([e for n, e in errs.items() if n.startswith("grad encoder.")], default=0.0),
-        max([e for n, e in errs.items() if n.startswith("grad aggregator.")], default=0.0),
-        max([e for n, e in errs.items() if n.startswith("update ")], default=0.0),
-    )
-    if problem:
-        groups = tuple(float("inf") for _ in groups)
-    worst = max(errs, key=errs.get) if errs else ""
-    return groups, worst, problem
-
-
-def run_checks(spec: CheckSpec, nprocs: list[int], tol: float, progress=print) -> tuple[list[CheckRow], Reference]:
-    """Reference + every launch; returns the rows (worst rank of each configuration) and the reference."""
-    from safetensors.torch import load_file
-
-    ref = reference(spec)
+def run_checks(specs: CheckSpec | list[CheckSpec], nprocs: list[int], tol: float | None = None,
+               progress=print) -> tuple[list[CheckRow], Reference | list[Reference]]:
+    """References + one launch per process count for all specs; returns the rows (worst rank and step of each
+    configuration) and the reference(s). ``tol`` overrides every spec's tolerance."""
+    single = isinstance(specs, CheckSpec)
+    specs = [specs] if single else list(specs)
     rows: list[CheckRow] = []
     with tempfile.TemporaryDirectory(prefix="fullslide-checkgrad-") as tmp:
+        refs = []
+        for index, spec in enumerate(specs):
+            progress(f"check-grad: reference for {spec.name or 'the check'}")
+            refs.append(reference(spec))
+            save_run(refs[-1].run, Path(tmp) / f"ref{index}", starts=True)
         for nproc in nprocs:
-            progress(f"check-grad: launching {nproc} process(es) for layouts {spec.layouts(nproc)} x modes {spec.modes}")
-            try:
-                launch(spec, nproc, Path(tmp))
-            except RuntimeError as exc:
-                rows += [CheckRow(nproc, tp, m, float("inf"), float("inf"), float("inf"), 0.0, False, error=str(exc))
-                         for tp in spec.layouts(nproc) for m in spec.modes]
+            todo = [(i, s) for i, s in enumerate(specs) if s.layouts(nproc)]
+            if not todo:
                 continue
-            for tp in spec.layouts(nproc):
-                for mode in spec.modes:
-                    worst_errs, worst_name, problems, peak = (0.0, 0.0, 0.0), "", [], 0.0
-                    for rank in range(nproc):
-                        tag = Path(tmp) / f"n{nproc}_t{tp}_{mode}_r{rank}"
-                        errs, name, problem = compare_rank(load_file(f"{tag}_grads.safetensors"),
-                                                           load_file(f"{tag}_updates.safetensors"), ref)
-                        if problem:
-                            problems.append(f"rank {rank}: {problem}")
-                        if max(errs) >= max(worst_errs):
-                            worst_name = f"{name.replace(' ', ':')}@{rank}"
-                        worst_errs = tuple(max(a, b) for a, b in zip(worst_errs, errs))
-                        peak = max(peak, json.loads(Path(f"{tag}.json").read_text())["peak_mb"])
-                    rows.append(CheckRow(nproc, tp, mode, *worst_errs, peak, ok=max(worst_errs) <= tol,
-                                         worst=worst_name, error="; ".join(problems[:2])))
-    return rows, ref
+            progress(f"check-grad: launching {nproc} process(es) for {len(todo)} check(s)")
+            try:
+                launch(specs, nproc, Path(tmp))
+            except RuntimeError as exc:
+                rows += [CheckRow(nproc, tp, m, float("inf"), float("inf"), float("inf"), 0.0, False, error=str(exc),
+                                  scenario=s.name) for _, s in todo for tp in s.layouts(nproc) for m in s.modes]
+                continue
+            for index, spec in todo:
+                limits = tolerances(spec.dtype, tol if tol is not None else spec.tol)
+                for tp in spec.layouts(nproc):
+                    for mode in spec.modes:
+                        rows.append(_row(spec, refs[index], Path(tmp), index, nproc, tp, mode, limits))
+    return rows, (refs[0] if single else refs)
+
+
+def _row(spec: CheckSpec, ref: Reference, tmp: Path, index: int, nproc: int, tp: int, mode: str,
+         limits: tuple[float, float]) -> CheckRow:
+    """The worst rank of one configuration."""
+    worst_errs, worst_name, problems, peak, ok = (0.0, 0.0, 0.0), "", [], 0.0, True
+    for rank in range(nproc):
+        run = load_run(tmp / f"s{index}_n{nproc}_t{tp}_{mode}_r{rank}", spec.steps)
+        errs, rank_ok, name, rank_problems = compare_steps(run.steps, run.buffers, ref.run.steps, ref.run.buffers,
+                                                           limits, ref.noise)
+        rank_problems = run.problems + rank_problems
+        problems += [f"rank {rank}: {p}" for p in rank_problems]
+        if max(errs) >= max(worst_errs) or not worst_name:
+            worst_name = f"{name}@{rank}"
+        worst_errs = tuple(max(a, b) for a, b in zip(worst_errs, errs))
+        ok = ok and rank_ok and not rank_problems
+        peak = max(peak, run.peak_mb)
+    return CheckRow(nproc, tp, mode, *worst_errs, peak, ok=ok, worst=worst_name, error="; ".join(problems[:2]),
+                    scenario=spec.name)
 
 
 if __name__ == "__main__":

@@ -54,10 +54,14 @@ class ProbeAggregator(nn.Module):
 
 
 class ProbePooling(ProbeAggregator):
-    """The same around an attention-pooling aggregator, keeping its ``tile_stage`` / ``pool_head`` split."""
+    """The same around an attention-pooling aggregator, keeping its ``tile_stage`` / ``pool_head`` split;
+    ``attention_scale`` sharpens the attention scores (a trained, peaked attention: most weights far below 1e-3)."""
+
+    attention_scale: float = 1.0
 
     def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inner.tile_stage(self.tied(feats))
+        h, a = self.inner.tile_stage(self.tied(feats))
+        return h, (a * self.attention_scale if self.attention_scale != 1.0 else a)
 
     def pool_head(self, z: torch.Tensor) -> torch.Tensor:
         return self.inner.pool_head(z)
@@ -70,10 +74,12 @@ class ProbePooling(ProbeAggregator):
         return self.inner.output(logits, weights, h)
 
 
-def add_probes(model: nn.Module, drop_path_rate: float = 0.1) -> nn.Module:
+def add_probes(model: nn.Module, drop_path_rate: float = 0.1, attention_scale: float = 1.0) -> nn.Module:
     """Wrap ``model.encoder`` and ``model.aggregator`` in place with the probes above; returns ``model``."""
     model.encoder = ProbeEncoder(model.encoder, drop_path_rate)
     pooling = callable(getattr(model.aggregator, "tile_stage", None)) and callable(
         getattr(model.aggregator, "pool_head", None))
     model.aggregator = (ProbePooling if pooling else ProbeAggregator)(model.aggregator, model.encoder.shared)
+    if pooling:
+        model.aggregator.attention_scale = attention_scale
     return model

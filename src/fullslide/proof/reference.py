@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -89,11 +90,13 @@ def reference_step(
     step_seed: int,
     amp_dtype: torch.dtype | None = None,
     scores_out: list[torch.Tensor | None] | None = None,
+    grad_scaler: "torch.amp.GradScaler | None" = None,
 ) -> float:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(logits of every slide, targets)``; return the loss.
 
     ``slides[i]`` is slide ``i`` of the step, ``[K_i, 3, H, W]``. ``scores_out`` receives each slide's attention
-    scores (None where the aggregator does not pool by attention).
+    scores (None where the aggregator does not pool by attention). ``grad_scaler`` (torch's) scales the loss
+    before the backward, as float16 training does.
     """
     device = next(model.parameters()).device
     logits = []
@@ -104,5 +107,40 @@ def reference_step(
         if scores_out is not None:
             scores_out.append(scores)
     loss = loss_fn(torch.stack(logits), targets.to(device))
-    loss.backward()
+    (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
     return float(loss.detach())
+
+
+# Fine-tuning rules, written again from their specification (README, "Fine-tuning"): the transformer blocks are
+# the parameters named ``...blocks.{i}...``; what the encoder registers before the first block is the
+# embedding (layer 0), block ``i`` is layer ``i + 1``, and what it registers after the blocks (final norm) is
+# layer ``n_blocks + 1``.
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def layer_of_parameters(encoder: nn.Module) -> tuple[dict[int, int], int]:
+    """(layer of each parameter by ``id``, number of blocks) of a ViT-style encoder."""
+    named = list(encoder.named_parameters())
+    in_block = [(i, int(m.group(1))) for i, (n, _) in enumerate(named) if (m := _BLOCK.search(n))]
+    if not in_block:
+        raise ValueError("the encoder has no parameters named blocks.<i>.")
+    first, n_blocks = min(i for i, _ in in_block), 1 + max(b for _, b in in_block)
+    layers = {}
+    for i, (name, p) in enumerate(named):
+        m = _BLOCK.search(name)
+        layers[id(p)] = int(m.group(1)) + 1 if m else (0 if i < first else n_blocks + 1)
+    return layers, n_blocks
+
+
+def train_only_last_blocks(encoder: nn.Module, n: int) -> None:
+    """Trainable: the last ``n`` blocks and everything after them; frozen: the rest."""
+    layers, n_blocks = layer_of_parameters(encoder)
+    for p in encoder.parameters():
+        p.requires_grad_(layers[id(p)] > n_blocks - n)
+
+
+def layer_decayed_lrs(encoder: nn.Module, lr: float, weight_decay: float, decay: float) -> dict[int, tuple[float, float]]:
+    """(lr, weight decay) by parameter ``id``: ``lr * decay ** (n_blocks + 1 - layer)``; no decay on 1-d tensors."""
+    layers, n_blocks = layer_of_parameters(encoder)
+    return {id(p): (lr * decay ** (n_blocks + 1 - layers[id(p)]), weight_decay if p.ndim >= 2 else 0.0)
+            for p in encoder.parameters()}
