@@ -168,3 +168,39 @@ def test_experiment_arguments_are_checked(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err
     assert "other settings" in err and "use another --out" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "exp" / "workspace").exists()
+
+
+def test_an_experiment_stopped_by_sigterm_to_its_process_group_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """Slurm's SIGTERM reaches the experiment and its loader workers: it checkpoints the run in flight and exits
+    143; the same command then resumes that run from its checkpoint, with the uninterrupted run's result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "fullslide.cli", "experiment", "k-sweep", "--out", str(out), "--quick",
+                "--seeds", "1", "--ks", "8"]
+
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    checkpoint = out / "runs" / "k8_seed0" / "run" / "checkpoints" / "last.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert not (out / "runs" / "k8_seed0" / "result.json").exists()
+    again = subprocess.run(command(out), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming the interrupted run" in again.stderr
+    fresh = subprocess.run(command(tmp_path / "fresh"), capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    got, want = (json.loads((o / "results.json").read_text())["runs"][0] for o in (out, tmp_path / "fresh"))
+    assert got["train_loss_by_epoch"] == pytest.approx(want["train_loss_by_epoch"], abs=1e-6)
+    assert got["test_auc"] == pytest.approx(want["test_auc"], abs=1e-9)

@@ -61,17 +61,22 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill"])
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill", "sigterm-group", "sigint-group"])
 def test_interrupted_then_resumed_run_matches_uninterrupted(setup: tuple[Path, Path], how: str) -> None:
+    """``-group``: the signal goes to the whole process group, loader workers included, as Slurm, ``timeout``
+    and a terminal's Ctrl-C deliver it (the run has one loader worker)."""
     root, cohort = setup
     run = root / f"run_{how}"
     config = _write_config(root, cohort, run)
     proc = subprocess.Popen(_cmd("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(run / "checkpoints" / "last.json", proc)  # epoch 1 is saved; now in epoch 2
     time.sleep(0.3)
-    sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how]
-    proc.send_signal(sig)
+    sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[how.split("-")[0]]
+    if how.endswith("-group"):
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     if how != "sigkill":  # Ctrl-C and Slurm's SIGTERM: finish the step, checkpoint, exit 128 + signal
         assert proc.returncode == 128 + sig, err[-2000:]
@@ -113,6 +118,37 @@ def test_torchrun_tile_parallel_matches_single_process(setup: tuple[Path, Path])
             assert g[0] == e[0] and g[4] == e[4]
             for a, b in zip(g[1:4], e[1:4]):
                 assert abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b))), (g, e)
+
+
+def test_sigterm_to_the_process_group_of_a_torchrun_job_checkpoints_and_resumes_exactly(
+        setup: tuple[Path, Path]) -> None:
+    """scancel / the Slurm time limit: SIGTERM reaches torchrun, both ranks and their loader workers at once (and
+    each rank once more through torchrun). Both ranks finish the step, rank 0 checkpoints, and a resumed
+    2-rank run ends with the uninterrupted run's losses."""
+    root, cohort = setup
+    run = root / "torchrun_sigterm"
+    config = _write_config(root, cohort, run, tile_parallel=2, slides_per_step=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "fullslide.cli", "train"]
+    proc = subprocess.Popen([*torchrun, str(config), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    _wait_for(run / "checkpoints" / "last.json", proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert "interrupted: checkpoint saved" in err, err[-3000:]
+    assert "Traceback" not in err.split("interrupted: checkpoint saved")[0], err[-3000:]
+    assert len(_metrics(run)) < 3
+    resumed = subprocess.run([*torchrun, "--resume", str(run), "--no-progress"], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, expected = _metrics(run), _metrics(root / "reference")
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g[0] == e[0] and g[4] == e[4]
+        for a, b in zip(g[1:4], e[1:4]):
+            assert abs(float(a) - float(b)) <= 1e-4 * max(1.0, abs(float(b))), (g, e)
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(setup: tuple[Path, Path]) -> None:
@@ -198,3 +234,22 @@ def test_tile_parallel_inference_equals_single_process(setup: tuple[Path, Path])
         with h5py.File(f) as x, h5py.File(root / "tp_feat_2" / "features" / f.name) as y:
             assert np.allclose(x["features"][...], y["features"][...], atol=1e-5)
             assert np.array_equal(x["coords"][...], y["coords"][...])
+
+
+def test_a_repeated_sigterm_keeps_the_graceful_stop_and_a_second_ctrl_c_aborts() -> None:
+    """A process-group SIGTERM reaches a rank twice (directly and through torchrun): the second must not abort
+    the checkpoint; a second Ctrl-C is the user asking to abort at once."""
+    from fullslide.train.trainer import StopFlag, deferred_interrupt
+
+    flag = StopFlag()
+    with deferred_interrupt(flag):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert flag.is_set() and flag.signum == signal.SIGTERM
+    flag = StopFlag()
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt(flag):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)

@@ -267,6 +267,17 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """Loader workers ignore SIGINT and SIGTERM. Slurm (time limit, preemption, scancel), ``timeout`` and Ctrl-C
+    in a terminal signal the whole process group: a worker that died of it would take the step in flight with
+    it. The main process acts on the signal at the next step boundary and shuts its workers down itself (the
+    DataLoader's sentinel; a worker whose parent is gone exits by the DataLoader's own watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, *, workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that yields the dataset's items one by one, in order, read ahead by ``workers``."""
     return DataLoader(
@@ -277,4 +288,5 @@ def make_loader(dataset: Dataset, *, workers: int, prefetch: int = 2, pin_memory
         prefetch_factor=prefetch if workers > 0 else None,
         pin_memory=pin_memory,
         collate_fn=_as_is,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )

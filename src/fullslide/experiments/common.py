@@ -3,8 +3,8 @@
 An experiment folder holds ``workspace/`` (cohorts, tiles, the pretrained encoder; each stage records the settings
 it was made with and is rebuilt only when they change) and ``runs/NAME/`` (one training run each, and its
 ``result.json`` written atomically when the run has been trained *and* evaluated). A rerun of the same command
-skips every run that has a ``result.json``: an interrupted experiment resumes at the first unfinished run (a run
-interrupted half-way starts again from scratch, so that every result comes from one uninterrupted schedule).
+skips every run that has a ``result.json``: an interrupted experiment resumes at the first unfinished run, and that
+run from its last checkpoint (``train --resume``, which equals an uninterrupted run).
 """
 
 from __future__ import annotations
@@ -172,17 +172,22 @@ def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed:
 
 
 def train_and_test(config: Any) -> dict[str, Any]:
-    """Train ``config`` from scratch (an unfinished run folder is cleared), then score the best checkpoint on
-    the test split. Returns per-epoch curves and test metrics (value and 95% CI)."""
+    """Train ``config`` (resuming an interrupted run from its last checkpoint; a folder without one is cleared),
+    then score the best checkpoint on the test split. Returns per-epoch curves and test metrics (value and 95% CI);
+    ``seconds`` counts this session's part of a resumed run."""
     from fullslide.train.evaluate import evaluate_run
     from fullslide.train.trainer import train
     from fullslide.viz.report import read_metrics_csv
 
     run_dir = Path(config.run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    train(config, progress=False)
+    if (run_dir / "checkpoints" / "last.json").exists():
+        log.info("%s: resuming the interrupted run", run_dir.name)
+        train(resume=run_dir, progress=False)
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        train(config, progress=False)
     history = read_metrics_csv(run_dir / "metrics.csv")
     folder, _ = evaluate_run(run_dir, split="test")
     test = json.loads((folder / "metrics.json").read_text())["metrics"]

@@ -137,14 +137,18 @@ class StopFlag(threading.Event):
 def deferred_interrupt(flag: StopFlag):
     """The first SIGINT (Ctrl-C) or SIGTERM (Slurm before preemption or the time limit) only sets ``flag``:
     training stops before its next step, or after the current validation, in a consistent state, and saves it.
-    A second signal interrupts at once, without saving."""
+    A second Ctrl-C interrupts at once, without saving. A repeated SIGTERM does not: a signal to the process
+    group reaches each rank directly *and* through torchrun, which forwards it (Slurm sends SIGKILL itself
+    when its grace period ends)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
         if flag.is_set():
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         flag.signum = signum
         flag.set()
         log.warning("%s: stopping at the next step boundary and saving a checkpoint (send it again to abort)",
