@@ -331,3 +331,40 @@ def test_auto_chunk_size_and_budget_are_logged_and_kept_for_the_run(cohort: Path
     resumed = Trainer(resume=run, progress=False)
     resumed._setup()
     assert resumed.chunk_tiles == chosen
+
+
+def test_a_run_folder_copied_elsewhere_evaluates_and_predicts_from_any_folder(
+        cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Paths in RUN/config.yaml are saved absolute, or relative to the run folder when inside it; inference reads
+    the checkpoint, never the initial encoder weights (here deleted after training, as a copied run lacks them)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fullslide.models import create_encoder
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(cohort, work / "cohort.csv")  # its slide paths are absolute
+    save_file(create_encoder("tinycnn", tile_px=32).state_dict(), str(work / "init.safetensors"))
+    monkeypatch.chdir(work)
+    config = app_config(work, cohort, run_dir="runs/r", data={"cohort": "cohort.csv"},
+                        encoder={"weights": "init.safetensors"}, train={"epochs": 1})
+    config.run_dir = "runs/r"
+    run = train(config, progress=False)
+    saved = yaml.safe_load((work / "runs/r/config.yaml").read_text())
+    assert saved["run_dir"] == "." and saved["data"]["cohort"] == str(work / "cohort.csv")
+    assert saved["encoder"]["weights"] == str(work / "init.safetensors")
+    moved = tmp_path / "archive" / "r_copy"
+    shutil.copytree(work / run, moved)
+    (work / "init.safetensors").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(moved), "--split", "test"]) == 0, capsys.readouterr().err
+    assert (moved / "eval" / "test" / "metrics.json").exists()
+    synth = cohort.parent / "synth" / "slides" / "synth_0000.tiff"
+    assert main(["predict", "../archive/r_copy", str(synth), "--out", "preds"]) == 0, capsys.readouterr().err
+    assert (elsewhere / "preds" / "predictions.csv").exists()
+    assert main(["heatmap", str(moved), "--split", "test"]) == 0, capsys.readouterr().err

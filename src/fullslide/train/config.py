@@ -8,6 +8,7 @@ prints the defaults that way, and every run folder keeps its resolved ``config.y
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -319,6 +320,46 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(raw, overrides)
+
+
+#: The config keys that hold paths (``run_dir`` aside): a run folder saves them absolute, or relative to itself.
+PATH_KEYS = (("data", "cohort"), ("data", "coords_dir"), ("data", "features_dir"), ("encoder", "weights"))
+
+
+def portable_config(config: Config, run_dir: str | Path) -> Config:
+    """``config`` as its run folder keeps it: every path absolute, or relative to the run folder when inside it,
+    and ``run_dir: .``, so that ``eval``/``heatmap``/``predict``/``--resume`` work from any working directory
+    and after the folder is copied or moved (what it points to outside itself must stay where it is)."""
+    run = Path(run_dir).resolve()
+    out = copy.deepcopy(config)
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(out, section), key)
+        if value:
+            path = Path(value).expanduser().resolve()
+            setattr(getattr(out, section), key, str(path.relative_to(run)) if path.is_relative_to(run) else str(path))
+    out.run_dir = "."
+    return out
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of the run folder ``run_dir``: relative paths in its ``config.yaml`` are relative to the folder
+    (folders saved before this rule kept paths relative to the working directory: those still resolve when
+    nothing exists under the folder); ``run_dir`` is the folder as given; ``overrides`` (command-line, relative
+    to the working directory) apply last."""
+    import yaml
+
+    run = Path(run_dir)
+    config = load_config(run / "config.yaml")
+    for section, key in PATH_KEYS:
+        value = getattr(getattr(config, section), key)
+        if value and not Path(value).expanduser().is_absolute():
+            inside = run / value
+            if inside.exists() or not Path(value).exists():
+                setattr(getattr(config, section), key, str(inside))
+    config.run_dir = str(run)
+    if not overrides:
+        return config
+    return config_from_dict(yaml.safe_load(dump_yaml(config, comments=False)), overrides)
 
 
 def to_dict(config: Config) -> dict:

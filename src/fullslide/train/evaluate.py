@@ -21,7 +21,7 @@ from fullslide.data.loader import SlideSource
 from fullslide.engine import init_parallel
 from fullslide.errors import FullslideError
 from fullslide.train import checkpoint as ckpt
-from fullslide.train.config import Config, load_config
+from fullslide.train.config import Config, load_run_config
 from fullslide.train.inference import SlidePrediction, extract_features, predict_with_config
 from fullslide.train.setup import (amp_dtype, build_model, ensure_tiles, features_path, prepare_data,
                                    read_run_info)
@@ -35,9 +35,11 @@ def load_run(run_dir: Path, checkpoint: str = "best", tile_parallel: int = 1):  
     ``tile_parallel`` ranks share each slide's tiles)."""
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    config = load_config(run_dir / "config.yaml")
+    config = load_run_config(run_dir)
     ctx = inference_parallel(tile_parallel, config.train.device)
-    model = build_model(config, int(info["n_outputs"])).to(ctx.device)
+    # the checkpoint holds every weight: the initial encoder file need not exist where the run is read
+    model = build_model(config, int(info["n_outputs"]),
+                        init_weights=config.encoder.name.startswith("hf-hub:")).to(ctx.device)  # hf-hub: its config.json
     where = ckpt.checkpoint_dir(run_dir, checkpoint)
     ckpt.load_weights_into(model, where)
     log.info("loaded %s", where)

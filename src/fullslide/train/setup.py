@@ -300,13 +300,14 @@ def read_run_info(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def build_model(config: Config, n_outputs: int) -> torch.nn.Module:
-    """The run's SlideModel, initialised from ``train.seed`` (and the encoder's weights file, if any)."""
+def build_model(config: Config, n_outputs: int, *, init_weights: bool = True) -> torch.nn.Module:
+    """The run's SlideModel, initialised from ``train.seed`` (and the encoder's weights file, if any and
+    ``init_weights``: a model about to receive a checkpoint's weights does not read it)."""
     from fullslide.models import create_model
 
     torch.manual_seed(config.train.seed)
     model = create_model(
-        config.encoder.name, config.aggregator.name, n_outputs, weights=config.encoder.weights,
+        config.encoder.name, config.aggregator.name, n_outputs, weights=config.encoder.weights if init_weights else None,
         tile_px=config.data.tile_px, drop_rate=config.encoder.drop_rate, drop_path_rate=config.encoder.drop_path_rate,
         freeze_bn=config.encoder.freeze_bn, strict=config.encoder.strict, encoder_kwargs=config.encoder.kwargs,
         aggregator_kwargs=config.aggregator.kwargs,

@@ -34,7 +34,7 @@ from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_par
 from fullslide.atomic import atomic_write_text
 from fullslide.errors import ConfigError, FullslideError
 from fullslide.train import checkpoint as ckpt
-from fullslide.train.config import Config, dump_yaml, load_config
+from fullslide.train.config import Config, dump_yaml, load_run_config, portable_config
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
 from fullslide.train.runlock import RunLock
 from fullslide.train.setup import amp_dtype, build_model, check_trainable, prepare_data, write_run_info
@@ -171,7 +171,7 @@ class Trainer:
             run_dir = Path(resume)
             if not (run_dir / "config.yaml").exists():
                 raise FullslideError(f"{run_dir}: cannot resume, no config.yaml (not a fullslide run folder)")
-            config = load_config(run_dir / "config.yaml", overrides)
+            config = load_run_config(run_dir, overrides)
         if config is None:
             raise FullslideError("train: a config (or --resume RUN_DIR) is required")
         self.config = config
@@ -199,7 +199,7 @@ class Trainer:
             if self.resuming and (removed := ckpt.remove_stale(self.run_dir)):
                 log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.run_dir)
             with _disk_errors(self.run_dir):
-                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(config))
+                atomic_write_text(self.run_dir / "config.yaml", dump_yaml(portable_config(config, self.run_dir)))
 
     # ---- setup ---------------------------------------------------------------------------------------
     def _setup(self) -> None:
