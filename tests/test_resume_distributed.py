@@ -239,7 +239,7 @@ def test_tile_parallel_inference_equals_single_process(setup: tuple[Path, Path])
 def test_a_repeated_sigterm_keeps_the_graceful_stop_and_a_second_ctrl_c_aborts() -> None:
     """A process-group SIGTERM reaches a rank twice (directly and through torchrun): the second must not abort
     the checkpoint; a second Ctrl-C is the user asking to abort at once."""
-    from fullslide.train.trainer import StopFlag, deferred_interrupt
+    from fullslide.train.faults import StopFlag, deferred_interrupt
 
     flag = StopFlag()
     with deferred_interrupt(flag):

@@ -58,7 +58,7 @@ def tensor_errors(ours: dict, ref: dict, prefix: str, noise: dict | None = None,
             continue
         diff = _max_abs_diff(ours[name], ref[name])
         denom = max(float(ref[name].abs().max()) if ref[name].numel() else 0.0, ZERO_FLOOR * scale,
-                    NOISE_MULT * (noise or {}).get(name, 0.0) / tol)
+                    NOISE_MULT * (noise or {}).get(name, 0.0) / tol if tol > 0 else 0.0)
         errors[name] = diff / denom if denom > 0 else diff
     return errors
 
@@ -124,8 +124,9 @@ def compare_steps(steps: list[StepRecord], buffers: dict, ref_steps: list[StepRe
                 for name, err in tensor_errors(a, b, part, step_noise, part_tol).items():
                     key = "update " if kind == "update" else f"grad {part}"
                     worst[key] = max(worst[key], err)
-                    if err / part_tol > ratio:
-                        ratio, worst_name = err / part_tol, f"{kind}:{name}/{s + 1}"
+                    r = err / part_tol if part_tol > 0 else (float("inf") if err > 0 else 0.0)
+                    if r > ratio:
+                        ratio, worst_name = r, f"{kind}:{name}/{s + 1}"
     if len(steps) != len(ref_steps):
         problems.append(f"{len(steps)} steps recorded, the reference has {len(ref_steps)}")
     bad_buffers = [n for n, e in tensor_errors(buffers, ref_buffers, "").items() if e > tol[0]]

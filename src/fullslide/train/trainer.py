@@ -10,14 +10,9 @@ would have taken. Runs unchanged under torchrun (``train.tile_parallel`` ranks s
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
 import os
-import signal
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +30,8 @@ from fullslide.atomic import atomic_write_text
 from fullslide.errors import ConfigError, FullslideError
 from fullslide.train import checkpoint as ckpt
 from fullslide.train.config import Config, dump_yaml, load_run_config, portable_config
+from fullslide.train.faults import (StopFlag, StopRequested, deferred_interrupt, disk_errors, is_comm_failure,
+                                    lost_ranks, peers_of)
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
 from fullslide.train.runlock import RunLock
 from fullslide.train.setup import amp_dtype, build_model, check_trainable, prepare_data, write_run_info
@@ -116,52 +113,6 @@ def _agree(ctx: ParallelContext, n: int, failures: list[tuple[int, str]], stop: 
     return [i for i in range(n) if flags[i]], bool(flags[n])
 
 
-class StopRequested(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM acted on at a step or epoch boundary, where the saved state matches the steps taken.
-
-    ``signum`` is the signal that asked (the command exits with 128 + signum: 130 for Ctrl-C, 143 for SIGTERM).
-    """
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__()
-        self.signum = int(signum)
-
-
-class StopFlag(threading.Event):
-    """Set by the first SIGINT / SIGTERM; remembers which signal it was."""
-
-    signum: int = signal.SIGINT
-
-
-@contextlib.contextmanager
-def deferred_interrupt(flag: StopFlag):
-    """The first SIGINT (Ctrl-C) or SIGTERM (Slurm before preemption or the time limit) only sets ``flag``:
-    training stops before its next step, or after the current validation, in a consistent state, and saves it.
-    A second Ctrl-C interrupts at once, without saving. A repeated SIGTERM does not: a signal to the process
-    group reaches each rank directly *and* through torchrun, which forwards it (Slurm sends SIGKILL itself
-    when its grace period ends)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.is_set():
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        flag.signum = signum
-        flag.set()
-        log.warning("%s: stopping at the next step boundary and saving a checkpoint (send it again to abort)",
-                    signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 class Trainer:
     """One training run; ``run()`` returns the run folder."""
 
@@ -184,7 +135,7 @@ class Trainer:
         except ValueError as exc:  # tile_parallel does not divide the world
             raise ConfigError(f"config key 'train.tile_parallel': {exc}") from None
         self.rank0 = self.ctx.rank == 0
-        self.peers = _peers(self.ctx)  # (host, pid) of every rank, to name a rank that dies
+        self.peers = peers_of(self.ctx)  # (host, pid) of every rank, to name a rank that dies
         self.lock: RunLock | None = None
         if self.rank0:
             try:
@@ -198,7 +149,7 @@ class Trainer:
         if self.rank0:
             if self.resuming and (removed := ckpt.remove_stale(self.run_dir)):
                 log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.run_dir)
-            with _disk_errors(self.run_dir):
+            with disk_errors(self.run_dir):
                 atomic_write_text(self.run_dir / "config.yaml", dump_yaml(portable_config(config, self.run_dir)))
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -396,7 +347,7 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------------
     def run(self) -> Path:
         try:
-            with _disk_errors(self.run_dir):
+            with disk_errors(self.run_dir):
                 logger = RunLogger(self.run_dir, enabled=self.rank0)  # first: setup's warnings go to train.log too
                 try:
                     self._setup()
@@ -409,8 +360,8 @@ class Trainer:
                     with deferred_interrupt(self.stop):  # signals are acted on at step and epoch boundaries only
                         self._epochs(logger)
                 except RuntimeError as exc:  # a peer gone: its collective fails, or torchrun tears our loader down
-                    lost = _lost_ranks(self.peers, self.ctx.rank) if self.ctx.distributed else None
-                    if lost is None or (lost.startswith("contact") and not _is_comm_failure(exc)):
+                    lost = lost_ranks(self.peers, self.ctx.rank) if self.ctx.distributed else None
+                    if lost is None or (lost.startswith("contact") and not is_comm_failure(exc)):
                         raise
                     at = getattr(self, "state", {"epoch": 0, "next_step": 0})
                     raise FullslideError(
@@ -473,72 +424,6 @@ class Trainer:
             return True
         self.state["bad_epochs"] += 1
         return False
-
-
-def _peers(ctx: ParallelContext) -> list[tuple[str, int]]:
-    """(host, pid) of every rank (one all_gather_object at start-up; just this process without torchrun)."""
-    me = (socket.gethostname(), os.getpid())
-    if not ctx.distributed:
-        return [me]
-    import torch.distributed as dist
-
-    peers: list[Any] = [None] * ctx.dims.world_size
-    dist.all_gather_object(peers, me)  # COLLECTIVE (world): once per run, not in the hot loop
-    return [tuple(p) for p in peers]
-
-
-def _is_comm_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective failing because a peer went away (gloo or NCCL)."""
-    import torch.distributed as dist
-
-    text = str(exc).lower()
-    return isinstance(exc, getattr(dist, "DistError", ())) or any(
-        w in text for w in ("gloo", "nccl", "connection closed", "connection reset", "peer", "broken pipe"))
-
-
-def _lost_ranks(peers: list[tuple[str, int]], me: int, wait_s: float = 2.0) -> str:
-    """Name the ranks whose process is gone ("rank 1 (pid 123 on node3)"); ranks on other nodes cannot be
-    probed from here, so an undetermined loss is named as such."""
-    host = socket.gethostname()
-    deadline = time.monotonic() + wait_s
-    while True:
-        lost = [r for r, (h, pid) in enumerate(peers) if r != me and h == host and not _alive(pid)]
-        if lost or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    if lost:
-        return ", ".join(f"rank {r} (pid {peers[r][1]} on {peers[r][0]})" for r in lost)
-    remote = sorted({h for h, _ in peers if h != host})
-    return "contact with another rank" + (f" (on {', '.join(remote)}; its own log says why)" if remote else "")
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped by torchrun, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not os.path.isdir("/proc")  # /proc exists but has no entry: gone
-
-
-@contextlib.contextmanager
-def _disk_errors(run_dir: Path):
-    """A full or unwritable disk during a run: one line naming the file, never a traceback. Every checkpoint is
-    written to a temporary folder and renamed, so the last complete one is still there to resume from."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        where = exc.filename or run_dir
-        raise FullslideError(f"{where}: {exc.strerror or exc}; the last complete checkpoint in {run_dir} is kept "
-                             f"(free the disk, then --resume {run_dir})") from None
 
 
 def train(config: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
