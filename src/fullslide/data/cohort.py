@@ -36,6 +36,10 @@ TASKS: tuple[str, ...] = get_args(Task)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
+#: Label texts that mean "no label" in exported tables (R, pandas, Excel, LIMS exports): refused, never a class.
+MISSING_LABELS = frozenset({"na", "n/a", "nan", "none", "null", "missing", "?", "#n/a"})
+
+
 @dataclasses.dataclass(frozen=True)
 class SlideRecord:
     """One validated slide row. Only the fields of the cohort's task are set; the others are None."""
@@ -101,7 +105,8 @@ def read_csv_rows(path: str | Path, required: Sequence[str]) -> tuple[list[str],
     for i, (line, cells) in enumerate(numbered[1:], start=1):
         if len(cells) != len(header):
             raise CohortError(f"{path}: row {i} (line {line}): {len(cells)} fields but the header has {len(header)}")
-        rows.append(CsvRow(i, line, {h: c.strip() for h, c in zip(header, cells, strict=True)}))
+        # slide ids are kept as written (never rewritten: one with spaces around is refused, not trimmed)
+        rows.append(CsvRow(i, line, {h: c if h == "slide_id" else c.strip() for h, c in zip(header, cells, strict=True)}))
     return header, rows
 
 
@@ -335,6 +340,9 @@ def _parse_row(
 
     if task == "classification":
         label = cells[label_column]
+        if label.lower() in MISSING_LABELS:
+            raise cell_error(source, row, label_column, f"'{label}' means a missing label; give the slide's label or "
+                             "leave it out of the cohort (an unlabelled slide can still be predicted)")
         if classes is not None and label not in classes:
             raise cell_error(source, row, label_column, f"unknown label '{label}'; "
                              f"known classes: {', '.join(map(str, classes))}")

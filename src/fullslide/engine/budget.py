@@ -168,12 +168,14 @@ def resolve_budget(budget: int | float | str | None, device: torch.device, *, av
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # a bare letter is binary, as in Slurm's --mem=80G
 
 
 def parse_bytes(text: str) -> int | float:
-    """``"80GB"`` -> 80e9, ``"512 MiB"`` -> 2**29, ``"0.5"`` -> 0.5 (a fraction); ValueError names the text."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
+    """``"80GB"`` -> 80e9, ``"80G"``/``"80GiB"`` -> 80 * 2**30, ``"512 MiB"`` -> 2**29, ``"0.5"`` -> 0.5 (a fraction);
+    ValueError names the text."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt](?:i?b)?|b)?\s*", text.lower())
     if not match:
         raise ValueError(f"{text!r} is not a memory size (e.g. 80GB, 512MiB, 0.5 for half the free memory)")
     value, unit = float(match.group(1)), match.group(2) or ""

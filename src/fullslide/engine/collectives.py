@@ -64,7 +64,11 @@ def init_parallel(
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        from fullslide.errors import ConfigError
+
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"train.device: 'cuda' was asked for, but {why} (torch {torch.__version__}); "
+                          "use train.device=auto or cpu")
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -34,6 +34,10 @@ class InputError:
     message: str
 
 
+#: Longest slide id in bytes: file systems allow 255-byte names, and outputs append up to ~20 bytes to the id.
+MAX_ID_BYTES = 200
+
+
 def slide_id_problem(slide_id: str) -> str | None:
     """Why ``slide_id`` cannot name output files (``{out}/patches/{slide_id}.h5``, heatmaps, features), or None.
 
@@ -43,6 +47,11 @@ def slide_id_problem(slide_id: str) -> str | None:
     """
     if not slide_id.strip():
         return "is empty"
+    if slide_id != slide_id.strip():
+        return f"{slide_id!r} has leading or trailing spaces (ids are never rewritten: remove them)"
+    if len(slide_id.encode("utf-8")) > MAX_ID_BYTES:
+        return (f"'{slide_id[:40]}...' is {len(slide_id.encode('utf-8'))} bytes long; output files are named after "
+                f"slide ids (e.g. '{{id}}_attention.png'), so at most {MAX_ID_BYTES} bytes fit a file name")
     if "/" in slide_id or "\\" in slide_id:
         return f"'{slide_id}' contains a path separator (output files are named after slide ids)"
     if slide_id in (".", ".."):
@@ -67,10 +76,18 @@ def collect_jobs(inputs: Iterable[str | Path], *, mpp: float | None = None) -> t
                 found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
                 if not found:
                     raise SlideError(path, f"folder holds no slide files ({' '.join(SLIDE_SUFFIXES)})")
-                jobs.extend(SlideJob(p, p.stem, mpp) for p in found)
+                for p in found:  # one unusable name never stops the folder's other slides
+                    if problem := slide_id_problem(p.stem):
+                        errors.append(InputError(p, f"{p}: slide id from the file name {problem}; list it in a CSV "
+                                                    "with a slide_id column"))
+                    else:
+                        jobs.append(SlideJob(p, p.stem, mpp))
             elif path.suffix.lower() == ".csv":
                 jobs.extend(read_slide_csv(path, default_mpp=mpp))
             else:
+                if problem := slide_id_problem(path.stem):
+                    raise SlideError(path, f"slide id from the file name {problem}; list it in a CSV with a "
+                                           "slide_id column")
                 jobs.append(SlideJob(path, path.stem, mpp))
         except FullslideError as exc:
             errors.append(InputError(path, str(exc)))
@@ -104,7 +121,8 @@ def read_slide_csv(csv_path: Path, *, default_mpp: float | None = None) -> list[
                     f"{csv_path}: no 'path' column (columns: {', '.join(columns) or 'none'}); "
                     "the CSV needs a 'path' column, optionally 'slide_id' and 'mpp'"
                 )
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = [{(k or "").strip(): (v or "") if (k or "").strip() == "slide_id" else (v or "").strip()
+                     for k, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CohortError(f"{csv_path}: cannot read CSV ({exc})") from exc
     jobs = []

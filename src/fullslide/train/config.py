@@ -171,6 +171,11 @@ class Config:
             (0 <= self.encoder.lora_dropout < 1, "encoder.lora_dropout", "must be in [0, 1)"),
             (self.encoder.trainable_blocks is None or self.encoder.trainable_blocks >= 0, "encoder.trainable_blocks",
              "must be >= 0 or null"),
+            (0 <= self.encoder.lr <= 1, "encoder.lr", "must be in [0, 1] (AdamW learning rate)"),
+            (0 < self.aggregator.lr <= 1, "aggregator.lr", "must be in (0, 1] (AdamW learning rate)"),
+            (0 <= self.train.weight_decay <= 10, "train.weight_decay", "must be in [0, 10]"),
+            (self.train.grad_clip is None or self.train.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
+            (self.eval.bootstrap >= 0, "eval.bootstrap", "must be >= 0 (0: no confidence intervals)"),
             (self.eval.chunk_tiles >= 1, "eval.chunk_tiles", "must be >= 1"),
             (self.eval.validate_every >= 1, "eval.validate_every", "must be >= 1"),
         ]
@@ -339,6 +344,25 @@ def portable_config(config: Config, run_dir: str | Path) -> Config:
             setattr(getattr(out, section), key, str(path.relative_to(run)) if path.is_relative_to(run) else str(path))
     out.run_dir = "."
     return out
+
+
+#: What ``--resume RUN --set ...`` may change: how the steps are computed, never which steps or their maths (a
+#: resumed run must equal the uninterrupted one: ``mode`` and the memory keys give the same gradient).
+RESUME_SAFE_KEYS = frozenset({
+    "train.mode", "train.memory_budget", "train.loader_workers", "train.prefetch_tiles", "train.part_tiles",
+    "train.device", "eval.chunk_tiles", "eval.bootstrap", "data.backend",
+})
+
+
+def check_resume_overrides(overrides: list[str] | tuple[str, ...]) -> None:
+    """ConfigError naming the first ``--set`` key that would change the steps of a resumed run."""
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key not in RESUME_SAFE_KEYS:
+            raise ConfigError(f"--set {key} with --resume: it would change the steps the run takes, so the resumed "
+                              f"run would no longer equal an uninterrupted one; start a new run_dir (with "
+                              f"`fullslide train CONFIG`) to change it. Allowed on resume: "
+                              f"{', '.join(sorted(RESUME_SAFE_KEYS))}")
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -150,6 +150,8 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False,
     target = Path(out or config.data.features_dir or "")
     if not str(target):
         raise FullslideError("extract: give --out or set data.features_dir")
+    if target.exists() and not target.is_dir():
+        raise FullslideError(f"{target}: exists and is not a folder (extract writes a folder of features)")
     ctx = inference_parallel(tile_parallel, config.train.device)
     cohort = CohortTable.from_csv(config.data.cohort, task=config.data.task, label_column=config.data.label_column,
                                   require_labels=False)

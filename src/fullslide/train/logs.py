@@ -6,16 +6,31 @@ last checkpoint (a resumed run continues it seamlessly). Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fullslide.atomic import atomic_write_text
 
 log = logging.getLogger("fullslide.train")
+
+
+@contextlib.contextmanager
+def stage(logger: logging.Logger, name: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    """One line when a long stage starts and one with its time when it ends (a terminal or not, so that a log file
+    or a batch job's output shows where a command is); the seconds go into ``timings[name]``."""
+    logger.info("%s ...", name)
+    t0 = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - t0
+    if timings is not None:
+        timings[name] = seconds
+    logger.info("%s: done in %.0f s", name, seconds)
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
@@ -42,9 +57,10 @@ class RunLogger:
         handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")  # appends: a resume continues it
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
-        if log.level == logging.NOTSET:  # the file gets the epoch lines even where the caller's logging is quieter
-            log.setLevel(logging.INFO)
-        log.addHandler(handler)
+        package = logging.getLogger("fullslide")  # every module's lines (splits, tiling, ...), not the trainer's alone
+        if package.level == logging.NOTSET:  # the file gets the epoch lines even where the caller's logging is quieter
+            package.setLevel(logging.INFO)
+        package.addHandler(handler)
         self._handler = handler
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -76,7 +92,7 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
         if self.enabled:
-            log.removeHandler(self._handler)
+            logging.getLogger("fullslide").removeHandler(self._handler)
             self._handler.close()
 
 

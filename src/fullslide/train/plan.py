@@ -73,13 +73,18 @@ def plan_config(config: Any, *, k: int | None = None, device_memory: str | None 
         if train.tiles_per_slide == "all":
             raise ConfigError("plan: train.tiles_per_slide is 'all'; give --k (tiles of your largest slide)")
         k = int(train.tiles_per_slide)
+    total = 0
+    if device_memory is not None:  # checked before any model is built
+        try:
+            total = parse_bytes(device_memory)
+        except ValueError as exc:
+            raise ConfigError(f"--device-memory: {exc}") from None
+        if total <= 1:
+            raise ConfigError(f"--device-memory {device_memory!r}: give a size such as 80GB, 80GiB or 80G")
     where = torch.device(device or ("cuda" if torch.cuda.is_available() and train.device != "cpu" else "cpu"))
     bare = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, weights=None))
     model = build_model(bare, 2).to(where).train()
     if device_memory is not None:
-        total = parse_bytes(device_memory)
-        if total <= 1:
-            raise ConfigError(f"--device-memory {device_memory!r}: give a size such as 80GB")
         budget_bytes = resolve_budget(train.memory_budget, where, available=int(total))
         amp = torch.bfloat16 if train.precision in ("auto", "bf16") else (
             torch.float16 if train.precision == "fp16" else None)

@@ -75,6 +75,9 @@ def ensure_tiles(
     from fullslide.slides.coords_io import find_coords_file, is_fullslide_coords
 
     given = Path(config.data.coords_dir) if config.data.coords_dir else None
+    if given is not None and not given.is_dir():  # never re-tile a whole cohort because of a typo
+        raise ConfigError(f"data.coords_dir: {given} is not a folder (the output of `fullslide tile`); fix the path, "
+                          "or set data.coords_dir: null to tile into the run folder")
     own = run_dir / TILES_DIR
     coords: dict[str, Path] = {}
     foreign: dict[str, Path] = {}  # TRIDENT / CLAM files, converted into RUN/tiles
@@ -120,7 +123,7 @@ def ensure_tiles(
         if r.slide_id not in coords:
             continue
         try:
-            n = _checked_coords(config, r.path, coords[r.slide_id])
+            n = _checked_coords(config, r.path, coords[r.slide_id], shown=foreign.get(r.slide_id))
         except ConfigError:
             raise
         except FullslideError as exc:  # bad coords, or a slide that changed since tiling: this slide only
@@ -167,15 +170,16 @@ def _import_foreign(config: Config, cohort: CohortTable, foreign: dict[str, Path
     return failed
 
 
-def _checked_coords(config: Config, slide_path: Path, h5: Path) -> int:
+def _checked_coords(config: Config, slide_path: Path, h5: Path, shown: Path | None = None) -> int:
     """Rows of a coords file, checked once per run against its slide (SlideError naming the file if not usable)
-    and against the config (ConfigError: tiles of another size or mpp than ``data.tile_px`` / ``target_mpp``)."""
+    and against the config (ConfigError: tiles of another size or mpp than ``data.tile_px`` / ``target_mpp``).
+    ``shown`` is the file the user gave when ``h5`` is fullslide's conversion of it (errors name the user's)."""
     from fullslide.slides import open_slide
     from fullslide.slides.coords_io import coords_problem, read_coords_and_attrs
 
     xy, geometry, attrs = read_coords_and_attrs(h5)
     if geometry.tile_px != config.data.tile_px or abs(geometry.target_mpp / config.data.target_mpp - 1) > 0.05:
-        raise ConfigError(f"{h5}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} mpp, but data.tile_px is "
+        raise ConfigError(f"{shown or h5}: tiles of {geometry.tile_px} px at {geometry.target_mpp:g} mpp, but data.tile_px is "
                           f"{config.data.tile_px} and data.target_mpp {config.data.target_mpp:g}; make them agree or "
                           "re-tile (`fullslide tile`)")
     with open_slide(slide_path, backend=config.data.backend, mpp=config.data.mpp) as slide:

@@ -29,7 +29,8 @@ from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_par
 from fullslide.atomic import atomic_write_text
 from fullslide.errors import ConfigError, FullslideError
 from fullslide.train import checkpoint as ckpt
-from fullslide.train.config import Config, dump_yaml, load_run_config, portable_config
+from fullslide.train.config import (Config, check_resume_overrides, dump_yaml, load_run_config,
+                                    portable_config)
 from fullslide.train.faults import (StopFlag, StopRequested, deferred_interrupt, disk_errors, is_comm_failure,
                                     lost_ranks, peers_of)
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
@@ -122,6 +123,7 @@ class Trainer:
             run_dir = Path(resume)
             if not (run_dir / "config.yaml").exists():
                 raise FullslideError(f"{run_dir}: cannot resume, no config.yaml (not a fullslide run folder)")
+            check_resume_overrides(overrides)
             config = load_run_config(run_dir, overrides)
         if config is None:
             raise FullslideError("train: a config (or --resume RUN_DIR) is required")

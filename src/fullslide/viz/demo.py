@@ -18,7 +18,6 @@ import csv
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +106,7 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     from fullslide.slides.synth import make_cohort
     from fullslide.train.evaluate import evaluate_run, extract, heatmaps_for_run
     from fullslide.train.pretrain import PretrainSettings, pretrain
+    from fullslide.train.logs import stage
     from fullslide.train.trainer import train
     from fullslide.viz.report import plot_curves, write_report
 
@@ -117,51 +117,45 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     if len(wh) != 2 or n_slides < 10:
         raise ConfigError("demo: --size must be WIDTHxHEIGHT and --slides at least 10")
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    cohort = make_cohort(out / "cohort", n_slides, signal="focal", size=wh, mpp=0.5,
-                         lesion_fraction=DEFAULTS["lesion_fraction"], stain_variation=DEFAULTS["stain_variation"],
-                         lesion_contrast=DEFAULTS["lesion_contrast"], seed=seed, workers=2)
-    timings["synthesize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    with stage(log, "synthesize", timings):
+        cohort = make_cohort(out / "cohort", n_slides, signal="focal", size=wh, mpp=0.5,
+                             lesion_fraction=DEFAULTS["lesion_fraction"], stain_variation=DEFAULTS["stain_variation"],
+                             lesion_contrast=DEFAULTS["lesion_contrast"], seed=seed, workers=2)
     tiles = out / "tiles"
-    results = tile_slides([cohort], tiles, target_mpp=1.0, tile_px=32, workers=2, progress=progress)
+    with stage(log, "tile", timings):
+        results = tile_slides([cohort], tiles, target_mpp=1.0, tile_px=32, workers=2, progress=progress)
     bad = [r for r in results if r.failed]
     if bad:
         log.warning("%d slide(s) failed tiling: %s", len(bad), bad[0].message)
-    timings["tile"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pre_cohort = make_cohort(out / "pretrain_cohort", 6, signal="focal", size=wh, mpp=0.5, lesion_fraction=0.03,
-                             stain_variation=DEFAULTS["stain_variation"], seed=seed + 1000, workers=2)
-    tile_slides([pre_cohort], out / "pretrain_tiles", target_mpp=1.0, tile_px=32, workers=2)
-    record = pretrain(out / "pretrain_tiles", out / "encoder_init.safetensors",
-                      PretrainSettings(epochs=10, tiles_per_slide=512, seed=seed), progress=progress)
-    timings["pretrain encoder"] = time.perf_counter() - t0
+    with stage(log, "pretrain encoder", timings):
+        pre_cohort = make_cohort(out / "pretrain_cohort", 6, signal="focal", size=wh, mpp=0.5, lesion_fraction=0.03,
+                                 stain_variation=DEFAULTS["stain_variation"], seed=seed + 1000, workers=2)
+        tile_slides([pre_cohort], out / "pretrain_tiles", target_mpp=1.0, tile_px=32, workers=2)
+        record = pretrain(out / "pretrain_tiles", out / "encoder_init.safetensors",
+                          PretrainSettings(epochs=10, tiles_per_slide=512, seed=seed), progress=progress)
     for name in ("e2e", "frozen"):
         if (out / name).exists():
             shutil.rmtree(out / name)  # a demo always starts fresh
-    t0 = time.perf_counter()
-    e2e = _config(out, "e2e", cohort, tiles, seed, n_epochs)
-    train(e2e, progress=progress)
-    timings["train end-to-end"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    frozen = _config(out, "frozen", cohort, tiles, seed, n_epochs, encoder__freeze=True,
-                     data__features_dir=str(out / "features"))
-    extract(frozen, progress=progress)
-    (out / "frozen").mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "e2e" / "splits.csv", out / "frozen" / "splits.csv")  # the very same patients in each split
-    train(frozen, progress=progress)
-    timings["extract + train frozen"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    with stage(log, "train end-to-end", timings):
+        e2e = _config(out, "e2e", cohort, tiles, seed, n_epochs)
+        train(e2e, progress=progress)
+    with stage(log, "extract + train frozen", timings):
+        frozen = _config(out, "frozen", cohort, tiles, seed, n_epochs, encoder__freeze=True,
+                         data__features_dir=str(out / "features"))
+        extract(frozen, progress=progress)
+        (out / "frozen").mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "e2e" / "splits.csv", out / "frozen" / "splits.csv")  # the very same patients in each split
+        train(frozen, progress=progress)
     metrics, localisation, heatmaps = {}, [], []
-    for name, label in (("e2e", "end-to-end"), ("frozen", "frozen encoder")):
-        folder, line = evaluate_run(out / name, split="test")
-        log.info("%s %s", label, line)
-        metrics[label] = json.loads((folder / "metrics.json").read_text())["metrics"]
-        localisation += lesion_localisation(label, out / name, cohort)
-        hm_dir, _ = heatmaps_for_run(out / name, split="test")
-        positives = [r["slide_id"] for r in localisation if r["model"] == label][:2]
-        heatmaps += [(f"{label}: {s}", hm_dir / f"{s}_attention.png") for s in positives]
-    timings["evaluate + heatmaps"] = time.perf_counter() - t0
+    with stage(log, "evaluate + heatmaps", timings):
+        for name, label in (("e2e", "end-to-end"), ("frozen", "frozen encoder")):
+            folder, line = evaluate_run(out / name, split="test")
+            log.info("%s %s", label, line)
+            metrics[label] = json.loads((folder / "metrics.json").read_text())["metrics"]
+            localisation += lesion_localisation(label, out / name, cohort)
+            hm_dir, _ = heatmaps_for_run(out / name, split="test")
+            positives = [r["slide_id"] for r in localisation if r["model"] == label][:2]
+            heatmaps += [(f"{label}: {s}", hm_dir / f"{s}_attention.png") for s in positives]
     curves = plot_curves({"end-to-end": out / "e2e", "frozen encoder": out / "frozen"}, out / "curves.png")
     intro = (f"Synthetic `focal` cohort: {n_slides} slides of {wh[0]}x{wh[1]} px at 0.5 mpp; positive slides hold "
              f"lesion foci (larger, darker, denser nuclei; contrast {DEFAULTS['lesion_contrast']} of the full "
