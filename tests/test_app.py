@@ -368,3 +368,46 @@ def test_a_run_folder_copied_elsewhere_evaluates_and_predicts_from_any_folder(
     assert main(["predict", "../archive/r_copy", str(synth), "--out", "preds"]) == 0, capsys.readouterr().err
     assert (elsewhere / "preds" / "predictions.csv").exists()
     assert main(["heatmap", str(moved), "--split", "test"]) == 0, capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 3 MB file system (tmpfs), as a full scratch disk on a cluster; only where mounting is permitted (root)."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not permitted here (needs root); the SafetensorError path is "
+                    "covered by test_a_full_disk_reported_by_safetensors_is_one_line")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_disk_that_fills_up_during_a_checkpoint_is_one_line_and_leaves_no_partial_file(
+        cohort: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = app_config(cohort.parent, cohort, run_dir=str(small_disk / "run"), train={"epochs": 3})
+    path = small_disk.parent / "full.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and "--resume" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not list((small_disk / "run").rglob("*.tmp*"))
+
+
+def test_a_full_disk_reported_by_safetensors_is_one_line(cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """safetensors raises its own error type for a failed write: it must reach the user as the OS error it is."""
+    import safetensors
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(app_config(tmp_path, cohort, run_dir=str(tmp_path / "run"), train={"epochs": 1})))
+    assert main(["train", str(path), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "model.safetensors: No space left on device" in last and "--resume" in last
+    assert not list((tmp_path / "run").rglob("*.tmp*"))

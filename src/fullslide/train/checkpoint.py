@@ -11,6 +11,7 @@ checkpoint intact. Loading never unpickles anything: safetensors and JSON only.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,8 +64,6 @@ def save_checkpoint(
     pointers: tuple[str, ...] = ("last",),
 ) -> Path:
     """Write checkpoint ``name`` atomically and point ``pointers`` (e.g. 'last', 'best') at it."""
-    from safetensors.torch import save_file
-
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
@@ -95,6 +94,23 @@ def save_checkpoint(
         atomic_write_text(root / f"{pointer}.json", json.dumps({"checkpoint": final.name}))
     _prune(root)
     return final
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, with its I/O failures (a full disk, a read-only folder) raised as the OSError
+    they are, naming the file, so callers handle them as any other write error (safetensors raises its own
+    error type with the OS error number in its message)."""
+    import re
+
+    from safetensors.torch import save_file as write
+
+    try:
+        write(tensors, path, metadata=metadata)
+    except Exception as exc:  # safetensors_rust.SafetensorError
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
 
 
 def remove_stale(run_dir: str | Path) -> int:

@@ -128,7 +128,7 @@ def pretrain(coords_dir: str | Path, out: str | Path, settings: PretrainSettings
              device: str = "cpu", progress: bool = False) -> dict:
     """Pretrain ``settings.encoder`` on the tiles of ``coords_dir`` and save its backbone to ``out``;
     returns the record stored in the file's metadata (settings, tiles, loss per epoch, seconds)."""
-    from safetensors.torch import save_file
+    from fullslide.train.checkpoint import save_file
 
     from fullslide.models import create_encoder
     from fullslide.train.logs import progress_bar
