@@ -16,7 +16,10 @@ def test_demo_writes_report_with_metrics_curves_heatmaps_and_localisation(tmp_pa
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--slides", "10", "--epochs", "2", "--size", "1024x1024",
                  "--no-progress"]) == 0
-    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"report: {out / 'report.md'}" in captured.out
+    for name in ("synthesize", "tile", "pretrain encoder", "train end-to-end", "extract + train frozen"):
+        assert f"{name} ..." in captured.err and f"{name}: done in" in captured.err  # each stage, terminal or not
     report = (out / "report.md").read_text()
     assert re.search(r"\| end-to-end \| (\d\.\d{3}|n/a)", report)
     assert re.search(r"\| frozen encoder \| (\d\.\d{3}|n/a)", report)

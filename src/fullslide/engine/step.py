@@ -53,13 +53,21 @@ class Bag:
     ``tiles`` is this rank's share ``[k_local, 3, H, W]`` (uint8 0-255 or float 0-1) of a slide with
     ``k_total`` tiles over its tile-parallel group (see :func:`fullslide.engine.rank_tile_range`); with one
     process it is simply all K tiles. ``features`` ``[k_local, D]`` may replace ``tiles`` (frozen encoder).
-    ``index`` is the slide's row in the step's ``targets``.
+    ``index`` is the slide's row in the step's ``targets``. ``context`` ``[M, D]`` are feature rows of the
+    slide's other tiles (whole-slide context, e.g. a feature cache): the aggregator sees the slide as the K fresh
+    rows followed by these M rows, which get no encoder pass and no gradient; every rank of the slide's
+    tile-parallel group passes the same rows.
     """
 
     index: int
     tiles: torch.Tensor | None = None
     k_total: int | None = None
     features: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+
+    @property
+    def n_context(self) -> int:
+        return 0 if self.context is None else int(self.context.shape[0])
 
     @property
     def k_local(self) -> int:
@@ -76,6 +84,7 @@ class StepResult:
     attention: dict[int, torch.Tensor]  # slide index -> [k_total] pooling weights/scores (this rank's slides)
     tiles_encoded: int  # tiles this rank encoded in phase 1
     plan: AutoPlan | None = None  # mode "auto": what was kept and recomputed on this rank
+    fresh_features: dict[int, torch.Tensor] | None = None  # slides with context: their K fresh rows [K, D], detached
 
 
 def _as_bags(bags: Sequence[Bag | torch.Tensor]) -> list[Bag]:
@@ -199,9 +208,12 @@ def step(
             )
             passes.append(p)
             local.append(p.features)
-        # Phase 2: every rank of the group gets all K features of its slides. Detached: a new leaf, never the
-        # caller's precomputed tensor (no requires_grad or .grad left on it).
-        feats = [f.detach().requires_grad_() for f in gather_features(ctx, items, local, chunk_tiles, feature_dim)]
+        # Phase 2: every rank of the group gets all K features of its slides, then the slide's context rows
+        # (K fresh rows first, so f.grad[:K] is what the encoder gets). Detached: a new leaf, never the caller's
+        # precomputed tensor (no requires_grad or .grad left on it).
+        fresh = gather_features(ctx, items, local, chunk_tiles, feature_dim)
+        feats = [(torch.cat([f, b.context.to(device, f.dtype)]) if b.n_context else f).detach().requires_grad_()
+                 for b, f in zip(items, fresh)]  # [K + M, D]
         # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
         all_kept = plan is None or plan.recomputed_chunks == 0
         streamed = (mode == "recompute" or (mode == "auto" and not all_kept)) and is_attention_pooling(aggregator)
@@ -257,6 +269,7 @@ def step(
         attention={b.index: o.attention.detach() for b, o in zip(items, outs)},
         tiles_encoded=sum(b.k_local for b in items if b.tiles is not None),
         plan=plan,
+        fresh_features={b.index: f.detach() for b, f in zip(items, fresh) if b.context is not None} or None,
     )
 
 
@@ -270,8 +283,8 @@ def _plan_auto(model: nn.Module, items: list[Bag], chunk_lists: list[list[tuple[
     probe = probe_encoder(model.encoder, with_tiles[0][0].tiles, device=device, amp_dtype=amp_dtype,
                           aggregator=model.aggregator)
     sizes = [stop - start for b, chunks in with_tiles for _, start, stop in chunks]
-    k_all = sum(int(b.k_total or 0) for b in items)
-    streamed = min(aggregator_chunk_tiles, max(int(b.k_total or 0) for b in items))
+    k_all = sum(int(b.k_total or 0) + b.n_context for b in items)  # the aggregator sees the context rows too
+    streamed = min(aggregator_chunk_tiles, max(int(b.k_total or 0) + b.n_context for b in items))
     if not is_attention_pooling(model.aggregator):
         streamed = k_all  # only attention pooling streams; others keep their graph whatever the mode
     plan = plan_chunks(probe, sizes, chunk_tiles, resolve_budget(memory_budget, device),

@@ -82,6 +82,7 @@ class CheckSpec:
     grad_checkpointing: bool = False
     layer_decay: float = 1.0  # < 1: per-layer learning rates (the optimizer's view is compared)
     attention_scale: float = 1.0  # > 1: sharper attention scores (peaked pooling)
+    context_tiles: list[int] | None = None  # whole-slide context: cached feature rows per slide (cycled), or None
     nprocs: list[int] | None = None  # process counts this spec runs at (None: every one asked for)
     name: str = ""  # the scenario's name in a suite
     tol: float | None = None  # None: the dtype's default (fullslide.proof.compare.tolerances)
@@ -97,7 +98,8 @@ class CheckSpec:
 
     def describe(self) -> str:
         ks = ",".join(str(self.k_of(i)) for i in range(self.slides))
-        extra = "".join(f" {k}={v}" for k, v in (("lora_rank", self.lora_rank), ("trainable_blocks", self.trainable_blocks),
+        extra = "".join(f" {k}={v}" for k, v in (("context_rows", self.context_tiles),
+                                                    ("lora_rank", self.lora_rank), ("trainable_blocks", self.trainable_blocks),
                                                     ("grad_checkpointing", self.grad_checkpointing),
                                                     ("layer_decay", self.layer_decay), ("attention_scale", self.attention_scale))
                         if v not in (0, None, False, 1.0))
@@ -179,6 +181,19 @@ def make_slides(spec: CheckSpec, step_seed: int) -> list[torch.Tensor]:
     return out
 
 
+def make_contexts(spec: CheckSpec, step_seed: int, dim: int) -> list[torch.Tensor | None]:
+    """Deterministic context rows ``[M_i, D]`` per slide (a feature cache's rows; the same on every rank), or
+    Nones without context. M may be 0 (a slide whose K tiles are all its tiles)."""
+    if spec.context_tiles is None:
+        return [None] * spec.slides
+    out = []
+    for i in range(spec.slides):
+        gen = torch.Generator().manual_seed(spec.seed * 7919 + step_seed * 104_729 + i)
+        m = spec.context_tiles[i % len(spec.context_tiles)]
+        out.append(torch.randn((m, dim), generator=gen) * (1 + torch.rand((m, 1), generator=gen)))
+    return out
+
+
 def targets_of(spec: CheckSpec) -> torch.Tensor:
     return torch.arange(spec.slides) % spec.n_classes
 
@@ -218,7 +233,7 @@ def reference(spec: CheckSpec) -> Reference:
             reference_step(model, slides, targets_of(spec), F.cross_entropy, chunk_tiles=spec.chunk_tiles,
                            aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
                            amp_dtype=DTYPES[spec.dtype], scores_out=scores if starts is None else None,
-                           grad_scaler=scaler)
+                           grad_scaler=scaler, contexts=make_contexts(spec, seed, model.encoder.feature_dim))
 
         return train_steps(spec, model, run, learning_rates(spec, model, reference=True), starts)
 
@@ -280,9 +295,11 @@ def worker_main(specs_path: str, out_dir: str) -> None:
                 def run(seed: int, slides: list[torch.Tensor], scaler, mode=mode, model=model, mine=mine, ctx=ctx,
                         spec=spec) -> None:
                     bags = []
+                    contexts = make_contexts(spec, seed, model.encoder.feature_dim)
                     for i in mine:
                         start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
-                        bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i])))
+                        bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i]),
+                                        context=contexts[i]))
                     engine_mode, budget = auto_budget(mode, model, bags, spec)
                     step(model, bags, targets_of(spec), F.cross_entropy, mode=engine_mode, memory_budget=budget,
                          chunk_tiles=spec.chunk_tiles, aggregator_chunk_tiles=spec.aggregator_chunk_tiles,

@@ -54,15 +54,19 @@ def _spans(k: int, size: int) -> list[tuple[int, int]]:
 
 def slide_logits(
     model: nn.Module, tiles: torch.Tensor, slide: int, *, chunk_tiles: int, aggregator_chunk_tiles: int,
-    step_seed: int, amp_dtype: torch.dtype | None = None,
+    step_seed: int, amp_dtype: torch.dtype | None = None, context: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits ``[C]`` of one slide with the whole graph kept, and the attention scores ``[K]`` (None if not pooling)."""
+    """Logits ``[C]`` of one slide with the whole graph kept, and the attention scores ``[K + M]`` (None if not
+    pooling). ``context`` ``[M, D]``: feature rows of the slide's other tiles, appended after the K encoded
+    ones as constants (whole-slide context: the aggregator sees them, the encoder does not)."""
     device = next(model.parameters()).device
     feats = []
     for c, (s, e) in enumerate(_spans(len(tiles), chunk_tiles)):
         with _draws(block_seed(step_seed, slide, ENCODER_BLOCK + c), device), _autocast(device, amp_dtype):
             feats.append(model.encoder(tiles[s:e].to(device)))
-    features = torch.cat(feats).float()  # [K, D]
+    if context is not None:
+        feats.append(context.detach().to(device))
+    features = torch.cat([f.float() for f in feats])  # [K + M, D]
     agg = model.aggregator
     if not (callable(getattr(agg, "tile_stage", None)) and callable(getattr(agg, "pool_head", None))):
         with _draws(block_seed(step_seed, slide, HEAD_BLOCK), device):
@@ -91,18 +95,20 @@ def reference_step(
     amp_dtype: torch.dtype | None = None,
     scores_out: list[torch.Tensor | None] | None = None,
     grad_scaler: "torch.amp.GradScaler | None" = None,
+    contexts: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(logits of every slide, targets)``; return the loss.
 
     ``slides[i]`` is slide ``i`` of the step, ``[K_i, 3, H, W]``. ``scores_out`` receives each slide's attention
     scores (None where the aggregator does not pool by attention). ``grad_scaler`` (torch's) scales the loss
-    before the backward, as float16 training does.
+    before the backward, as float16 training does. ``contexts[i]`` are slide ``i``'s context rows (or None).
     """
     device = next(model.parameters()).device
     logits = []
     for i, tiles in enumerate(slides):
         z, scores = slide_logits(model, tiles, i, chunk_tiles=chunk_tiles, aggregator_chunk_tiles=aggregator_chunk_tiles,
-                                 step_seed=step_seed, amp_dtype=amp_dtype)
+                                 step_seed=step_seed, amp_dtype=amp_dtype,
+                                 context=contexts[i] if contexts is not None else None)
         logits.append(z)
         if scores_out is not None:
             scores_out.append(scores)

@@ -11,7 +11,9 @@ Each scenario is a :class:`~fullslide.proof.checkgrad.CheckSpec` chosen so that 
   3 blocks trainable, block checkpointing and layer-wise lr decay as the optimizer sees it;
 - ``peaked``: slides of 700 to 1,300 tiles with sharpened attention, so most tile-stage chunks have every weight
   below 1e-3 and the highest score comes in a late chunk;
-- ``resnet18``: the config's default encoder with GMA (BatchNorm in eval mode, a deep conv net).
+- ``resnet18``: the config's default encoder with GMA (BatchNorm in eval mode, a deep conv net);
+- ``context``: whole-slide context (``train.context: cache``): cached rows appended to the fresh ones, a slide
+  with no cached rows (K = N) and one whose K fresh tiles fit one chunk (with 2 ranks, one holds cached rows only).
 
 On a 2-core CPU the suite takes a few minutes (BENCHMARKS.md); ``--nproc`` limits the process counts.
 """
@@ -41,6 +43,8 @@ def suite_specs(device: str = "cpu") -> list[CheckSpec]:
         CheckSpec(name="peaked", tiles=[700, 1300, 90], slides=3, tile_px=16, chunk_tiles=128,
                   aggregator_chunk_tiles=64, attention_scale=200.0, steps=2, micro_batches=1,
                   modes=["full", "recompute", "auto-half"], nprocs=_TWO, device=device),
+        CheckSpec(name="context", tiles=[14, 9, 3], slides=3, tile_px=16, chunk_tiles=4, aggregator_chunk_tiles=8,
+                  context_tiles=[40, 0, 25], nprocs=_TWO, device=device),
         CheckSpec(name="resnet18", encoder="resnet18", tiles=[24, 17, 9], slides=3, tile_px=16, chunk_tiles=8,
                   modes=_SOME_MODES, nprocs=_TWO, device=device),
     ]

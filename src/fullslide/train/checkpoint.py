@@ -121,6 +121,9 @@ def remove_stale(run_dir: str | Path) -> int:
     root = run_dir / "checkpoints"
     if root.is_dir():
         stale += [p for p in root.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+    context = run_dir / "context"  # the whole-slide context cache's atomic writes
+    if context.is_dir():
+        stale += [p for p in context.glob(".*.tmp*") if p.is_file()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if root.is_dir() and (root / "last.json").exists():

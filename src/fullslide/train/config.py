@@ -116,6 +116,11 @@ class TrainConfig:
     prefetch_tiles: int | None = _f(None, "tiles the loader may hold in flight (null: one step's, at most 1/4 of free RAM)")
     part_tiles: int = _f(1024, "tiles per loader item: a big step is read by several workers in parts")
     seed: int = _f(0, "seed of initialisation, sampling, augmentation and dropout")
+    context: Literal["none", "cache"] = _f(
+        "none", "whole-slide context: cache = the aggregator sees every tile each step (K fresh features + the other "
+        "tiles' cached ones, RUN/context), the encoder back-propagates through the K")
+    context_refresh_epochs: int = _f(0, "context: cache: re-extract the whole cache every this many epochs (0: never)")
+    context_dtype: Literal["float16", "float32"] = _f("float16", "context: cache: storage precision of the cache")
     selection_metric: str = _f("auto", "validation metric for the best checkpoint (auto: task default, or loss)")
     patience: int = _f(0, "stop after this many epochs without improvement (0: never)")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available")
@@ -176,6 +181,10 @@ class Config:
             (0 <= self.train.weight_decay <= 10, "train.weight_decay", "must be in [0, 10]"),
             (self.train.grad_clip is None or self.train.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
             (self.eval.bootstrap >= 0, "eval.bootstrap", "must be >= 0 (0: no confidence intervals)"),
+            (self.train.context_refresh_epochs >= 0, "train.context_refresh_epochs", "must be >= 0"),
+            (self.train.context == "none" or not self.encoder.freeze, "train.context",
+             "cache needs a trained encoder (encoder.freeze: the frozen arm reads every tile's stored features: "
+             "set train.tiles_per_slide: all)"),
             (self.eval.chunk_tiles >= 1, "eval.chunk_tiles", "must be >= 1"),
             (self.eval.validate_every >= 1, "eval.validate_every", "must be >= 1"),
         ]
