@@ -253,3 +253,31 @@ def test_a_repeated_sigterm_keeps_the_graceful_stop_and_a_second_ctrl_c_aborts()
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_context_cache_run_resumes_exactly(setup: tuple[Path, Path], how: str) -> None:
+    """train.context: cache: the cache is part of the state. Stopped by Ctrl-C, or killed (then a half-written cache
+    file is left, as a kill in the middle of a write leaves one), the resumed run equals the uninterrupted one."""
+    root, cohort = setup
+    ref = root / "reference_context"
+    if not ref.exists():
+        _run(_write_config(root, cohort, ref, context="cache", context_refresh_epochs=2), [])
+    run = root / f"context_{how}"
+    config = _write_config(root, cohort, run, context="cache", context_refresh_epochs=2)
+    proc = subprocess.Popen(_cmd("train", str(config), "--no-progress"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoints" / "last.json", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert len(_metrics(run)) < 3
+    if how == "sigkill":
+        versions = sorted((run / "context").glob("*.safetensors"))
+        (run / "context" / f".{versions[0].name}.x1y2.tmp.safetensors").write_bytes(b"half a file")
+    resumed = subprocess.run(_cmd("train", "--resume", str(run), "--no-progress"), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _metrics(run) == _metrics(ref)
+    assert not list(run.rglob("*.tmp*"))
+    assert [p.name for p in sorted((run / "context").iterdir())] == [p.name for p in sorted((ref / "context").iterdir())]
