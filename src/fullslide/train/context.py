@@ -63,13 +63,14 @@ class ContextCache:
                       if e.name.startswith(prefix) and (m := _NAME.match(e.name)) and m["slide"] == slide_id)
 
     def read(self, slide_id: str, step: int) -> torch.Tensor | None:
-        """Features ``[N, D]`` (float32) of every tile of the slide as step ``step`` sees them, or None."""
+        """Features ``[N, D]`` of every tile of the slide as step ``step`` sees them (in the cache's dtype: the
+        engine casts the context rows on the device), or None."""
         from safetensors.torch import load_file
 
         older = [v for v in self.versions(slide_id) if v <= 2 * step + 1]
         if not older:
             return None
-        return load_file(str(self.path(slide_id, older[-1])))["features"].float()
+        return load_file(str(self.path(slide_id, older[-1])))["features"]
 
     def write(self, slide_id: str, version: int, rows: torch.Tensor) -> None:
         """Store ``rows`` ``[N, D]`` as ``version`` of the slide, atomically."""
@@ -124,12 +125,12 @@ def context_rows(rows: torch.Tensor, sampled: np.ndarray) -> torch.Tensor:
     return rows[keep]
 
 
-def replace_rows(rows: torch.Tensor, sampled: np.ndarray, fresh: torch.Tensor) -> torch.Tensor:
+def replace_rows(rows: torch.Tensor, sampled: np.ndarray, fresh: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     """``rows`` with the sampled tiles' rows replaced by their fresh features ``[K, D]`` (a tile drawn twice takes
-    its last draw's row)."""
+    its last draw's row); ``in_place`` writes into ``rows`` (the trainer's own copy: no second [N, D] buffer)."""
     index = np.asarray(sampled)
     _, last = np.unique(index[::-1], return_index=True)
     pick = len(index) - 1 - last  # the last occurrence of each tile
-    out = rows.clone()
+    out = rows if in_place else rows.clone()
     out[torch.as_tensor(index[pick], dtype=torch.long)] = fresh[torch.as_tensor(pick, dtype=torch.long)].to(out)
     return out

@@ -273,7 +273,7 @@ class Trainer:
             rows = self.context.read(slide_id, at)  # [N, D]
             if rows is None:
                 continue
-            bags[new_index[p]].context = context_rows(rows, plan.tiles[p]).to(self.ctx.device)  # [N - K', D]
+            bags[new_index[p]].context = context_rows(rows, plan.tiles[p]).to(self.ctx.device, non_blocking=True)
             kept.append((new_index[p], slide_id, rows, plan.tiles[p]))
         return kept
 
@@ -355,7 +355,8 @@ class Trainer:
                 if written and self.ctx.tp_rank == 0:  # after the backward: the K fresh rows replace their cache rows
                     for index, slide_id, rows, sampled in written:
                         fresh = result.fresh_features[index].cpu()  # [K, D] (gathered: the group's K)
-                        self.context.write_step(slide_id, self.state["global_step"], replace_rows(rows, sampled, fresh))
+                        self.context.write_step(slide_id, self.state["global_step"],
+                                                replace_rows(rows, sampled, fresh, in_place=True))
                 acc["loss_sum"] += result.loss
                 acc["steps"] += 1
                 acc["slides"] += len(keep)
