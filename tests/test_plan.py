@@ -66,3 +66,19 @@ def test_memory_sizes_parse() -> None:
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512 MiB") == 2**29 and parse_bytes("0.5") == 0.5
     with pytest.raises(ValueError, match="not a memory size"):
         parse_bytes("lots")
+
+
+def test_plan_counts_the_context_rows_and_the_aggregator_over_the_whole_slide() -> None:
+    from fullslide.train.config import config_from_dict
+    from fullslide.train.plan import plan_config
+
+    raw = {"encoder": {"name": "tinycnn"}, "data": {"tile_px": 32}, "train": {"tiles_per_slide": 256}}
+    plain = plan_config(config_from_dict(raw), device="cpu")
+    raw["train"]["context"] = "cache"
+    cached = plan_config(config_from_dict(raw), slide_tiles=20_000, device="cpu")
+    rows = (20_000 - 256) * cached.probe.feature_dim * 4
+    for a, b in zip(plain.modes, cached.modes):
+        assert b.step_bytes - a.step_bytes >= rows, a.mode  # at least the N - K rows, plus the aggregator over them
+    full = {m.mode: m for m in cached.modes}["full"]
+    assert full.step_bytes - {m.mode: m for m in plain.modes}["full"].step_bytes >= rows + 19_000 * cached.probe.aggregator_bytes_per_tile
+    assert "N = 20,000 tiles per slide" in cached.table()

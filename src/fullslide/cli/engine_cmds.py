@@ -106,6 +106,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.tiles_per_slide=8192 (repeatable)")
     p.add_argument("--k", type=int, default=None, help="tiles per slide (default: train.tiles_per_slide)")
+    p.add_argument("--slide-tiles", type=int, default=None, metavar="N",
+                   help="train.context: cache: tiles of the largest slide, whose rows the aggregator reads (default 10000)")
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="plan for a GPU of this memory, e.g. 80GB (probe in its default precision)")
     p.set_defaults(func=cmd_plan)
@@ -190,5 +192,5 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fullslide.train.plan import plan_config
 
     config = load_config(args.config, args.overrides)
-    print(plan_config(config, k=args.k, device_memory=args.device_memory).table())
+    print(plan_config(config, k=args.k, device_memory=args.device_memory, slide_tiles=args.slide_tiles).table())
     return 0

@@ -43,6 +43,7 @@ class PlanReport:
     amp_dtype: str
     probe: Probe
     modes: list[ModePlan]
+    context_tiles: int = 0  # train.context: cache: tiles per slide N whose rows the aggregator also reads
 
     def table(self) -> str:
         lines = [f"tiles per slide K={self.k}, {self.tiles_per_rank} tiles per rank per step, chunk_tiles="
@@ -56,19 +57,26 @@ class PlanReport:
             fits = "yes" if m.step_bytes <= self.budget_bytes else "NO"
             lines.append(f"{m.mode:<11}{format_bytes(m.step_bytes):>16}{fits:>6}{m.largest_k:>12,}{m.compute:>9.2f}x")
         step_tiles = self.tiles_per_rank * 3 * self.tile_px**2
+        if self.context_tiles:
+            lines += ["", f"context: cache with N = {self.context_tiles:,} tiles per slide (--slide-tiles): the peaks "
+                          f"include the N x D context rows and the aggregator over N rows; the host holds each step "
+                          f"slide's cached rows ({format_bytes(self.context_tiles * self.probe.feature_dim * 2)} in "
+                          f"float16)"]
         lines += ["", f"peaks are what one rank's step adds (activations + K x D features); the step's uint8 tiles "
                       f"({format_bytes(step_tiles)}) wait in host memory. recompute and auto hold one chunk graph at "
                       "a time, so their largest K is bounded by the features and by the host memory for tiles."]
         return "\n".join(lines)
 
 
-def plan_config(config: Any, *, k: int | None = None, device_memory: str | None = None,
+def plan_config(config: Any, *, k: int | None = None, device_memory: str | None = None, slide_tiles: int | None = None,
                 device: str | None = None) -> PlanReport:
-    """Probe ``config``'s model and predict each mode's step memory (see the module docstring)."""
+    """Probe ``config``'s model and predict each mode's step memory (see the module docstring); with
+    ``train.context: cache``, ``slide_tiles`` (N, default 10,000) is the size of the slides whose rows join."""
     from fullslide.engine.aggregate import AGGREGATOR_CHUNK_TILES, is_attention_pooling
     from fullslide.train.setup import amp_dtype, build_model
 
     train = config.train
+    context_tiles = (slide_tiles or 10_000) if train.context == "cache" else 0
     if k is None:
         if train.tiles_per_slide == "all":
             raise ConfigError("plan: train.tiles_per_slide is 'all'; give --k (tiles of your largest slide)")
@@ -105,6 +113,13 @@ def plan_config(config: Any, *, k: int | None = None, device_memory: str | None 
         per_rank = largest_k(probe, mode, budget_bytes=budget_bytes, chunk_tiles=chunk,
                              aggregator_chunk_tiles=AGGREGATOR_CHUNK_TILES, streams=streams)
         largest = per_rank * max(1, train.tile_parallel) // max(1, train.slides_per_step)
+        if context_tiles:  # every rank of a group holds the slide's N rows and runs the aggregator over them
+            rows = max(0, context_tiles - k)
+            agg_rows = context_tiles if not streams or mode in ("full", "checkpoint", "auto") else min(
+                context_tiles, AGGREGATOR_CHUNK_TILES)
+            extra = train.slides_per_step * int(rows * probe.feature_dim * 4 + agg_rows * probe.aggregator_bytes_per_tile)
+            act, total_bytes = act + extra, total_bytes + extra
         modes.append(ModePlan(mode, act, total_bytes, largest, compute))
     return PlanReport(k=k, tiles_per_rank=tiles, tile_px=px, chunk_tiles=chunk, budget_bytes=budget_bytes,
-                      amp_dtype=str(amp).replace("torch.", "") if amp else "float32", probe=probe, modes=modes)
+                      amp_dtype=str(amp).replace("torch.", "") if amp else "float32", probe=probe, modes=modes,
+                      context_tiles=context_tiles)
