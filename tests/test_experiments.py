@@ -102,6 +102,7 @@ def _check_schema(results: dict, experiment: str) -> None:
         assert isinstance(run["test_loss"], float) and run["test_loss"] > 0
         if experiment == "k-sweep":
             assert run["k"] == "all" or (isinstance(run["k"], int) and run["k"] > 0)
+            assert run["context"] in ("none", "cache")
             assert isinstance(run["final_train_loss"], float)
             assert run["final_train_loss"] == run["train_loss_by_epoch"][-1]
             assert len(run["train_loss_by_epoch"]) == len(run["val_auc_by_epoch"]) == 2  # quick: 2 epochs
@@ -112,13 +113,16 @@ def _check_schema(results: dict, experiment: str) -> None:
 
 def test_k_sweep_quick_writes_schema_report_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ks"
-    args = ["experiment", "k-sweep", "--out", str(out), "--quick", "--seeds", "1", "--ks", "8,all"]
+    args = ["experiment", "k-sweep", "--out", str(out), "--quick", "--seeds", "1", "--ks", "8,all", "--context", "none,cache"]
     assert main(args) == 0
     assert str(out / "report.md") in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     _check_schema(results, "k-sweep")
-    assert [r["k"] for r in results["runs"]] == [8, "all"]
-    small, everything = results["runs"]
+    assert [(r["k"], r["context"]) for r in results["runs"]] == [(8, "none"), (8, "cache"), ("all", "none")]
+    small, cached, everything = results["runs"]
+    assert cached["tiles_seen"] == small["tiles_seen"]  # the cache arm encodes the same K tiles per step
+    assert (out / "runs" / "k8_cache_seed0" / "run" / "context").is_dir()
+    assert "| 8 +cache |" in (out / "report.md").read_text() and "K=8 +cache: test AUC" in (out / "report.md").read_text()
     assert small["tiles_seen"] < everything["tiles_seen"]  # same steps, more tiles per step
     report = (out / "report.md").read_text()
     assert "![k-sweep](k_sweep.png)" in report and (out / "k_sweep.png").stat().st_size > 10_000
@@ -130,7 +134,7 @@ def test_k_sweep_quick_writes_schema_report_and_resumes(tmp_path: Path, capsys: 
     assert (out / "runs" / "k8_seed0" / "result.json").stat().st_mtime_ns == stamps[out / "runs" / "k8_seed0" / "result.json"]
     again = json.loads((out / "results.json").read_text())
     assert again["runs"][0] == small
-    assert again["runs"][1]["final_train_loss"] == pytest.approx(everything["final_train_loss"], abs=1e-6)  # same seed
+    assert again["runs"][2]["final_train_loss"] == pytest.approx(everything["final_train_loss"], abs=1e-6)  # same seed
 
 
 def test_e2e_vs_frozen_quick_schema_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

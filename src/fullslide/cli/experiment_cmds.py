@@ -42,6 +42,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         q.add_argument("--out", type=Path, required=True, help="experiment folder (rerun the command to resume)")
         if name == "k-sweep":
             q.add_argument("--ks", default="8,32,128,512,all", help="values of K (8,32,128,512,all)")
+            q.add_argument("--context", default="none",
+                           help="arms: none, cache (train.context: cache: the aggregator reads every tile), or "
+                                "none,cache (none)")
         else:
             q.add_argument("--signals", default="focal,diffuse", help="cohort signals (focal,diffuse)")
         q.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (3)")
@@ -66,7 +69,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from fullslide.experiments import k_sweep
 
         report = k_sweep.run(args.out, ks=k_sweep.parse_ks(args.ks), seeds=args.seeds, seed_offset=args.seed_offset,
-                             quick=args.quick)
+                             quick=args.quick, contexts=tuple(k_sweep.parse_contexts(args.context)))
     else:
         from fullslide.experiments import e2e_vs_frozen
 

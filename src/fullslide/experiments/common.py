@@ -151,10 +151,11 @@ def prepare_encoder(root: Path, pretrain_spec: PretrainSpec) -> Path:
 
 
 def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed: int, epochs: int,
-               tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None):
+               tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None, context: str = "none"):
     """The training config every experiment run shares: tinycnn + gated attention, fixed patient-level splits
     (``split_seed`` 0 whatever the run's seed), 2 slides per step, validation on all tiles every epoch,
-    best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline."""
+    best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline; ``context: cache`` gives the
+    aggregator every tile each step (the rest from the feature cache)."""
     from fullslide.train.config import config_from_dict
 
     return config_from_dict({
@@ -166,7 +167,7 @@ def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed:
         "aggregator": {"name": "gma", "lr": 1e-3},
         "train": {"epochs": epochs, "tiles_per_slide": tiles_per_slide, "slides_per_step": 2, "chunk_tiles": 64,
                   "warmup_epochs": 0.5, "min_lr_ratio": 0.1, "selection_metric": "loss", "loader_workers": 1,
-                  "seed": seed, "device": "cpu"},
+                  "seed": seed, "device": "cpu", "context": context},
         "eval": {"chunk_tiles": 256, "bootstrap": 1000},
     })
 

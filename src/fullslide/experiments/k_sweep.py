@@ -5,7 +5,9 @@ tissue, so that a small K often holds no lesion tile of a positive slide: its la
 For each K and seed, the encoder (pretrained, as in ``e2e-vs-frozen``) and the aggregator are trained end-to-end
 with the same schedule - same epochs, same steps, same learning rates; a larger K only sees more tiles per step,
 as in the paper - and validated and tested on *all* tiles of each slide. Splits and cohort are fixed; seeds
-change initialisation, sampling and augmentation.
+change initialisation, sampling and augmentation. ``--context cache`` adds an arm per K < all with
+``train.context: cache``: the same K tiles are encoded and back-propagated, and the aggregator also reads the
+other tiles' cached features (rows carry ``"context": "none" | "cache"``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,17 @@ def parse_ks(text: str) -> list[int | str]:
     return ks
 
 
+def parse_contexts(text: str) -> list[str]:
+    """``"none,cache"`` -> ``["none", "cache"]``; one line naming the bad item otherwise."""
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in ("none", "cache")]
+    if bad or not items or len(set(items)) != len(items):
+        raise ConfigError(f"--context {text!r}: give none, cache or none,cache")
+    return items
+
+
 def run(out: str | Path, *, ks: list[int | str], seeds: int, seed_offset: int = 0, quick: bool = False,
-        settings: Settings | None = None) -> Path:
+        settings: Settings | None = None, contexts: tuple[str, ...] = ("none",)) -> Path:
     """Run the sweep into ``out`` (resuming) and return the report's path."""
     from fullslide.experiments.report import k_sweep_report
     from fullslide.slides import read_coords
@@ -69,11 +80,13 @@ def run(out: str | Path, *, ks: list[int | str], seeds: int, seed_offset: int = 
     weights = prepare_encoder(workspace, settings.pretrain)
     cohort, tiles = prepare_cohort(workspace, "cohort_focal", settings.cohort())
     rows: list[dict[str, Any]] = []
+    arms = [(k, c) for k in ks for c in contexts if not (c == "cache" and k == "all")]  # K = all has no rest to cache
     for seed in range(seed_offset, seed_offset + seeds):
-        for k in ks:
-            name = f"k{k}_seed{seed}"
+        for k, context in arms:
+            name = f"k{k}_seed{seed}" if context == "none" else f"k{k}_cache_seed{seed}"
             config = run_config(out / "runs" / name / "run", cohort, tiles, weights=weights, seed=seed,
-                                epochs=settings.epochs, tiles_per_slide=k, encoder_lr=settings.encoder_lr)
+                                epochs=settings.epochs, tiles_per_slide=k, encoder_lr=settings.encoder_lr,
+                                context=context)
 
             def fn(config: Any = config) -> dict[str, Any]:
                 result = train_and_test(config)
@@ -82,11 +95,12 @@ def run(out: str | Path, *, ks: list[int | str], seeds: int, seed_offset: int = 
 
             result = cached_run(out / "runs", name, fn)
             last = result["train_loss_by_epoch"][-1] if result["train_loss_by_epoch"] else None
-            rows.append({"k": k, "seed": seed, "final_train_loss": last, **result})
-            log.info("K=%s seed %d: final training loss %s, test AUC %s (%.0f s)", k, seed, _fmt(last),
-                     _fmt(result["test_auc"]), result["seconds"])
+            rows.append({"k": k, "context": context, "seed": seed, "final_train_loss": last, **result})
+            log.info("K=%s%s seed %d: final training loss %s, test AUC %s (%.0f s)", k,
+                     " +cache" if context == "cache" else "", seed, _fmt(last), _fmt(result["test_auc"]),
+                     result["seconds"])
     n_tiles = sorted(len(read_coords(p)[0]) for p in Path(tiles).glob("patches/*.h5"))
-    meta = {**dataclasses.asdict(settings), "ks": ks, "quick": quick,
+    meta = {**dataclasses.asdict(settings), "ks": ks, "contexts": list(contexts), "quick": quick,
             "tiles_per_slide_median": n_tiles[len(n_tiles) // 2] if n_tiles else None}
     write_results(out, EXPERIMENT, rows, meta)
     return k_sweep_report(out, rows, meta)

@@ -51,8 +51,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def k_label(k: int | str) -> str:
-    return "all" if k == "all" else str(k)
+def k_label(k: int | str, context: str = "none") -> str:
+    return ("all" if k == "all" else str(k)) + (" +cache" if context == "cache" else "")
 
 
 def k_sweep_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
@@ -61,7 +61,7 @@ def k_sweep_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
     plt = _pyplot()
     by_k: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_k[k_label(row["k"])].append(row)
+        by_k[k_label(row["k"], row.get("context", "none"))].append(row)
     ks = list(by_k)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     cmap = plt.get_cmap("viridis")
@@ -109,9 +109,10 @@ def k_sweep_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) 
     lines += ["", "Mean ± sample standard deviation over seeds. Per run (test AUC with its bootstrap 95% CI):", "",
               "| K | seed | final training loss | test AUC [95% CI] | test loss |", "|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {k_label(row['k'])} | {row['seed']} | {_num(row['final_train_loss'])} | "
+        lines.append(f"| {k_label(row['k'], row.get('context', 'none'))} | {row['seed']} | {_num(row['final_train_loss'])} | "
                      f"{_ci(row['test_auc'], row['test_auc_ci'])} | {_num(row['test_loss'])} |")
-    lines += ["", _trend(ks, by_k)]
+    plain = [k for k in ks if not k.endswith("+cache")]
+    lines += ["", _trend(plain, by_k)] + _cache_verdicts(ks, by_k)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -128,6 +129,24 @@ def _trend(ks: list[str], by_k: dict[str, list[dict[str, Any]]]) -> str:
     return (f"From K={ks[0]} to K={ks[-1]}: final training loss {loss[0]:.3f} -> {loss[1]:.3f} "
             f"({'lower, as in the paper' if loss_ok else 'NOT lower'}); test AUC {auc[0]:.3f} -> {auc[1]:.3f} "
             f"({'higher, as in the paper' if auc_ok else 'NOT higher'}).")
+
+
+def _cache_verdicts(ks: list[str], by_k: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """For each K with a cache arm: its test AUC and wall time against K without it and against K = all."""
+    out = []
+    for k in (k for k in ks if k.endswith("+cache")):
+        base, everything = k.removesuffix(" +cache"), by_k.get("all")
+        cache = by_k[k]
+        auc = _stats([r["test_auc"] for r in cache])[0]
+        line = f"K={k}: test AUC {auc:.3f} in {_stats([r['seconds'] for r in cache])[0]:.0f} s per run"
+        if base in by_k:
+            line += f"; without the cache {_stats([r['test_auc'] for r in by_k[base]])[0]:.3f}"
+        if everything:
+            all_auc, all_s = _stats([r["test_auc"] for r in everything])[0], _stats([r["seconds"] for r in everything])[0]
+            line += (f"; K=all {all_auc:.3f} in {all_s:.0f} s ({'within' if all_auc - auc <= 0.02 else 'NOT within'} "
+                     f"0.02 AUC, at {_stats([r['seconds'] for r in cache])[0] / max(all_s, 1e-9):.2f}x its wall time)")
+        out.append(line + ".")
+    return [""] + out if out else []
 
 
 def _num(value: float | None) -> str:
