@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_TESTS = ["tests/test_engine_step.py", "tests/test_engine_controls.py", "tests/test_engine_distributed.py"]
+ENGINE_TESTS = ["tests/test_engine_step.py", "tests/test_context.py", "tests/test_engine_controls.py",
+                "tests/test_engine_distributed.py"]
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,22 @@ MUTATIONS = [
              "engine/budget.py", "            b.copy_(buffers[name])", "            pass", gradient_bug=False),
     Mutation("budget_per_slide", "the kept-chunk budget is given to every slide of a step instead of shared",
              "engine/step.py", "        left -= n\n", "", gradient_bug=False),
+    # Issue 18: whole-slide context.
+    Mutation("context_before_fresh", "context rows placed before the fresh ones: cached rows' gradient reaches the "
+             "encoder, fresh rows' does not", "engine/step.py",
+             "feats = [(torch.cat([f, b.context.to(device, f.dtype)]) if b.n_context else f)",
+             "feats = [(torch.cat([b.context.to(device, f.dtype), f]) if b.n_context else f)"),
+    Mutation("cache_rows_misplaced", "fresh rows written back to the wrong cache positions", "train/context.py",
+             "    out[torch.as_tensor(index[pick], dtype=torch.long)] =",
+             "    out[torch.as_tensor(np.sort(pick), dtype=torch.long)] =", gradient_bug=False),
+    Mutation("context_keeps_sampled", "the context keeps the cached rows of the sampled tiles (those tiles twice)",
+             "train/context.py", "    keep[torch.as_tensor(sampled, dtype=torch.long)] = False\n", "", gradient_bug=False),
     # Defects of issue 9, put back: caught by the tests (not gradient bugs, so not check-grad's business).
     Mutation("defect_mean_attention", "mean pooling reports uniform weights in recompute, tile logits in full",
              "engine/aggregate.py", "return self.tile_scores if self.tile_scores is not None else torch.exp(",
              "return torch.exp(", gradient_bug=False),
     Mutation("defect_caller_features", "the engine sets requires_grad (and .grad) on the caller's features",
-             "engine/step.py", "feats = [f.detach().requires_grad_() for f", "feats = [f.requires_grad_() for f",
+             "engine/step.py", "if b.n_context else f).detach().requires_grad_()", "if b.n_context else f).requires_grad_()",
              gradient_bug=False),
     Mutation("defect_tokens_over_channels", "token outputs [N, T, D] averaged over D instead of over tokens",
              "models/encoders.py", "out = out.mean(1)  # [B, T, D]", "out = out.mean(2)  # [B, T, D]",
