@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,67 @@ def replace_rows(rows: torch.Tensor, sampled: np.ndarray, fresh: torch.Tensor, *
     out = rows if in_place else rows.clone()
     out[torch.as_tensor(index[pick], dtype=torch.long)] = fresh[torch.as_tensor(pick, dtype=torch.long)].to(out)
     return out
+
+
+class SlideContext:
+    """``train.context: cache`` inside a training run: the cache (rolled back to the checkpoint when resuming,
+    filled for the slides that have none), each step's context rows, the write-back after the step, and the
+    refresh every ``train.context_refresh_epochs`` epochs. ``trainer`` is the running
+    :class:`~fullslide.train.trainer.Trainer` (its config, context, model, state and training slides)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        cfg = trainer.config
+        self.cache = ContextCache(trainer.run_dir, torch.float16 if cfg.train.context_dtype == "float16" else torch.float32)
+        if trainer.rank0 and (removed := self.cache.rollback(trainer.state["global_step"])):
+            log.info("context: removed %d cache version(s) newer than the checkpoint", removed)
+        self.fill(missing_only=True)
+
+    def refresh_due(self, epoch: int, start_step: int) -> bool:
+        every = self.trainer.config.train.context_refresh_epochs
+        return bool(every) and epoch > 0 and epoch % every == 0 and start_step == 0
+
+    def fill(self, *, missing_only: bool = False) -> None:
+        """Extract every tile's features of the training slides (all, or those without any cache) before the
+        next step; every rank takes part."""
+        from fullslide.train.setup import barrier
+
+        t, cfg = self.trainer, self.trainer.config
+        barrier(t.ctx)  # COLLECTIVE (world): every rank sees the same files before choosing what to extract
+        present = self.cache.all_versions()
+        todo = [s for s in t.train_src if not (missing_only and present.get(s.slide_id))]
+        if todo:
+            t0 = time.perf_counter()
+            n = fill(self.cache, t.model.encoder, todo, t.state["global_step"], chunk_tiles=cfg.eval.chunk_tiles,
+                     workers=cfg.train.loader_workers, amp_dtype=t.amp, backend=cfg.data.backend, parallel=t.ctx,
+                     write=t.ctx.tp_rank == 0)
+            t.model.train()
+            if t.rank0:
+                log.info("context: features of every tile of %d slide(s) cached before step %d in %.0f s", n,
+                         t.state["global_step"] + 1, time.perf_counter() - t0)
+        barrier(t.ctx)  # COLLECTIVE (world): the files exist before any rank reads them
+
+    def attach(self, bags: list, positions: list[int], plan, new_index: dict[int, int]) -> list[tuple]:
+        """Give each bag the cached rows of the tiles this step did not sample (read after the step-start
+        collective, so every write of the previous step is there); returns what ``write_back`` needs."""
+        t = self.trainer
+        pending = []
+        for p in positions:
+            if p not in new_index:
+                continue
+            slide_id = t.train_ids[plan.slides[p]]
+            rows = self.cache.read(slide_id, t.state["global_step"])  # [N, D]
+            if rows is None:
+                continue
+            bags[new_index[p]].context = context_rows(rows, plan.tiles[p]).to(t.ctx.device, non_blocking=True)
+            pending.append((new_index[p], slide_id, rows, plan.tiles[p]))
+        return pending
+
+    def write_back(self, pending: list[tuple], result) -> None:
+        """The K fresh rows (gathered: the group's K) replace their cache rows; one writer per slide group."""
+        if self.trainer.ctx.tp_rank != 0:
+            return
+        for index, slide_id, rows, sampled in pending:
+            fresh = result.fresh_features[index].cpu()  # [K, D]
+            self.cache.write_step(slide_id, self.trainer.state["global_step"],
+                                  replace_rows(rows, sampled, fresh, in_place=True))

@@ -33,11 +33,10 @@ from fullslide.train.config import (Config, check_resume_overrides, dump_yaml, l
                                     portable_config)
 from fullslide.train.faults import (StopFlag, StopRequested, deferred_interrupt, disk_errors, is_comm_failure,
                                     lost_ranks, peers_of)
-from fullslide.train.context import ContextCache, context_rows, replace_rows
-from fullslide.train.context import fill as fill_context
+from fullslide.train.context import SlideContext
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
 from fullslide.train.runlock import RunLock
-from fullslide.train.setup import amp_dtype, barrier, build_model, check_trainable, prepare_data, write_run_info
+from fullslide.train.setup import amp_dtype, build_model, check_trainable, prepare_data, write_run_info
 from fullslide.train.validate import evaluate_sources, selection
 
 log = logging.getLogger("fullslide.train")
@@ -201,7 +200,7 @@ class Trainer:
                                                    scheduler=self.scheduler, scaler=self.scaler))
             log.info("resumed from %s at epoch %d step %d", where, self.state["epoch"] + 1, self.state["next_step"])
         self.chunk_tiles = self._chunk_tiles()
-        self.context = self._context_cache()
+        self.context = SlideContext(self) if cfg.train.context == "cache" else None
         self._plan_logged = False
         if self.rank0:
             write_run_info(self.run_dir, {
@@ -231,52 +230,6 @@ class Trainer:
         self.state["chunk_tiles"] = chunk
         return chunk
 
-    # ---- whole-slide context ------------------------------------------------------------------------
-    def _context_cache(self) -> ContextCache | None:
-        """``train.context: cache``: the run's feature cache, rolled back to the checkpoint on resume and filled
-        (version 0, with the initial encoder) for every training slide that has none."""
-        cfg = self.config
-        if cfg.train.context != "cache":
-            return None
-        cache = ContextCache(self.run_dir, torch.float16 if cfg.train.context_dtype == "float16" else torch.float32)
-        if self.rank0 and (removed := cache.rollback(self.state["global_step"])):
-            log.info("context: removed %d cache version(s) newer than the checkpoint", removed)
-        self._fill_context(cache, missing_only=True)
-        return cache
-
-    def _fill_context(self, cache: ContextCache, *, missing_only: bool = False) -> None:
-        """Extract every tile's features of the training slides (all, or those without any cache) before the
-        next step; every rank takes part."""
-        barrier(self.ctx)  # COLLECTIVE (world): every rank sees the same files before choosing what to extract
-        present = cache.all_versions()
-        todo = [s for s in self.train_src if not (missing_only and present.get(s.slide_id))]
-        if todo:
-            t0 = time.perf_counter()
-            n = fill_context(cache, self.model.encoder, todo, self.state["global_step"],
-                             chunk_tiles=self.config.eval.chunk_tiles, workers=self.config.train.loader_workers,
-                             amp_dtype=self.amp, backend=self.config.data.backend, parallel=self.ctx,
-                             write=self.ctx.tp_rank == 0)
-            self.model.train()
-            if self.rank0:
-                log.info("context: features of every tile of %d slide(s) cached before step %d in %.0f s", n,
-                         self.state["global_step"] + 1, time.perf_counter() - t0)
-        barrier(self.ctx)  # COLLECTIVE (world): the files exist before any rank reads them
-
-    def _with_context(self, bags: list[Bag], positions: list[int], plan, new_index: dict[int, int]):
-        """Each bag's cached rows of the tiles this step did not sample; returns what the write-back needs."""
-        at = self.state["global_step"]
-        kept = []
-        for p in positions:
-            if p not in new_index:
-                continue
-            slide_id = self.train_ids[plan.slides[p]]
-            rows = self.context.read(slide_id, at)  # [N, D]
-            if rows is None:
-                continue
-            bags[new_index[p]].context = context_rows(rows, plan.tiles[p]).to(self.ctx.device, non_blocking=True)
-            kept.append((new_index[p], slide_id, rows, plan.tiles[p]))
-        return kept
-
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _save(self, name: str, pointers: tuple[str, ...] = ("last",)) -> Path | None:
         if not self.rank0:
@@ -284,7 +237,7 @@ class Trainer:
         where = ckpt.save_checkpoint(self.run_dir, name, model=self.model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, scaler=self.scaler, state=self.state, pointers=pointers)
         if self.context is not None:  # the cache as of this checkpoint, and anything newer (none at a save)
-            self.context.prune(self.state["global_step"])
+            self.context.cache.prune(self.state["global_step"])
         return where
 
     # ---- one epoch -----------------------------------------------------------------------------------
@@ -297,9 +250,8 @@ class Trainer:
         self.model.train()
         plans = self.sampler.epoch(epoch)
         start = self.state["next_step"]
-        every = cfg.train.context_refresh_epochs
-        if self.context is not None and every and epoch and epoch % every == 0 and start == 0:
-            self._fill_context(self.context)  # re-extract with the current encoder
+        if self.context is not None and self.context.refresh_due(epoch, start):
+            self.context.fill()  # re-extract with the current encoder
         acc = self.state["accum"] or {"loss_sum": 0.0, "steps": 0, "slides": 0, "tiles": 0, "skipped": 0, "seconds": 0.0}
         aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
         # loader workers only read and decode; augmentation runs batched on the encoder's device (augment_batch)
@@ -328,7 +280,7 @@ class Trainer:
                                                           {"tiles": self._augment(d, k, epoch, plan.slides[p], aug)}))
                     for p, d, k in zip(loaded.positions, loaded.data, loaded.k_totals) if p in new_index]
             acc["skipped"] += len(failed)
-            written = self._with_context(bags, loaded.positions, plan, new_index) if self.context is not None else []
+            pending = self.context.attach(bags, loaded.positions, plan, new_index) if self.context is not None else []
             if keep:
                 ids = [self.train_ids[plan.slides[p]] for p in keep]
                 try:
@@ -352,11 +304,8 @@ class Trainer:
                     log.info("%s (first step; logged once)", result.plan.describe())
                     self._plan_logged = True
                 self._optimizer_step()
-                if written and self.ctx.tp_rank == 0:  # after the backward: the K fresh rows replace their cache rows
-                    for index, slide_id, rows, sampled in written:
-                        fresh = result.fresh_features[index].cpu()  # [K, D] (gathered: the group's K)
-                        self.context.write_step(slide_id, self.state["global_step"],
-                                                replace_rows(rows, sampled, fresh, in_place=True))
+                if pending:  # after the backward: the K fresh rows replace their cache rows
+                    self.context.write_back(pending, result)
                 acc["loss_sum"] += result.loss
                 acc["steps"] += 1
                 acc["slides"] += len(keep)
