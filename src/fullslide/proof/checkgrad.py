@@ -204,6 +204,7 @@ class Reference:
 
     run: Trajectory
     noise: list = field(default_factory=list)  # per step: one-ulp rounding noise of each gradient and update
+    problem: str = ""  # why the reference cannot judge (it is not reproducible)
     late_peaks: int = 0  # slide-calls whose highest attention score lies beyond the first tile-stage chunk
     pooled_slides: int = 0
     faint_chunks: int = 0  # tile-stage chunks whose attention weights were all below 1e-3
@@ -218,8 +219,12 @@ def _one_ulp(weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Ten
 
 
 def reference(spec: CheckSpec) -> Reference:
-    """The single-process reference, computed in this process without the engine; then once more from weights
-    one ulp away, which measures each tensor's rounding noise (:mod:`fullslide.proof.compare`)."""
+    """The single-process reference, computed in this process without the engine; then again from the same
+    weights, which must give the same result (a random draw outside the seeding contract, e.g. from a private
+    generator, or a non-deterministic kernel, would make every comparison meaningless); then, in float32, once
+    more from weights one ulp away, which measures each tensor's rounding noise (:mod:`fullslide.proof.compare`:
+    in bf16/fp16 a one-ulp change re-rounds activations the engine computes exactly as the reference does, so the
+    low-precision tolerances judge without it)."""
     from fullslide.proof.reference import reference_step
 
     device = torch.device(spec.device)
@@ -238,8 +243,17 @@ def reference(spec: CheckSpec) -> Reference:
         return train_steps(spec, model, run, learning_rates(spec, model, reference=True), starts)
 
     run_ = trajectory(None)
-    perturbed = trajectory([_one_ulp(w, spec.seed + s) for s, w in enumerate(run_.starts)])
-    ref = Reference(run_, noise=rounding_noise(perturbed.steps, run_.steps))
+    ref = Reference(run_)
+    repeat = trajectory(run_.starts)
+    errs, ok, worst, problems = compare_steps(repeat.steps, repeat.buffers, run_.steps, run_.buffers,
+                                              tolerances(spec.dtype, spec.tol))
+    if not ok or problems:
+        ref.problem = (f"the reference is not reproducible: a second run from the same weights differs ({worst}: "
+                       f"{max(errs):.1e}{'; ' + problems[0] if problems else ''}); some random draw is outside the "
+                       "seeding contract (a private generator?) or a kernel is not deterministic")
+    if spec.dtype == "float32":
+        perturbed = trajectory([_one_ulp(w, spec.seed + s) for s, w in enumerate(run_.starts)])
+        ref.noise = rounding_noise(perturbed.steps, run_.steps)
     for a in (a for a in scores if a is not None):
         w = torch.softmax(a.double(), 0)
         ref.pooled_slides += 1
@@ -390,6 +404,8 @@ def _row(spec: CheckSpec, ref: Reference, tmp: Path, index: int, nproc: int, tp:
         worst_errs = tuple(max(a, b) for a, b in zip(worst_errs, errs))
         ok = ok and rank_ok and not rank_problems
         peak = max(peak, run.peak_mb)
+    if ref.problem:
+        ok, problems = False, [ref.problem] + problems
     return CheckRow(nproc, tp, mode, *worst_errs, peak, ok=ok, worst=worst_name, error="; ".join(problems[:2]),
                     scenario=spec.name)
 
