@@ -353,7 +353,7 @@ def test_a_run_folder_copied_elsewhere_evaluates_and_predicts_from_any_folder(
     config.run_dir = "runs/r"
     run = train(config, progress=False)
     saved = yaml.safe_load((work / "runs/r/config.yaml").read_text())
-    assert saved["run_dir"] == "." and saved["data"]["cohort"] == str(work / "cohort.csv")
+    assert saved["run_dir"] == str(work / "runs/r") and saved["data"]["cohort"] == str(work / "cohort.csv")
     assert saved["encoder"]["weights"] == str(work / "init.safetensors")
     moved = tmp_path / "archive" / "r_copy"
     shutil.copytree(work / run, moved)

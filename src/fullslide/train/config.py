@@ -342,8 +342,9 @@ PATH_KEYS = (("data", "cohort"), ("data", "coords_dir"), ("data", "features_dir"
 
 def portable_config(config: Config, run_dir: str | Path) -> Config:
     """``config`` as its run folder keeps it: every path absolute, or relative to the run folder when inside it,
-    and ``run_dir: .``, so that ``eval``/``heatmap``/``predict``/``--resume`` work from any working directory
-    and after the folder is copied or moved (what it points to outside itself must stay where it is)."""
+    so that ``eval``/``heatmap``/``predict``/``--resume`` work from any working directory and after the folder is
+    copied or moved (what it points to outside itself must stay where it is); ``run_dir`` is saved absolute, so a
+    copy of the file used as a config for a new run is refused until it names another folder."""
     run = Path(run_dir).resolve()
     out = copy.deepcopy(config)
     for section, key in PATH_KEYS:
@@ -351,7 +352,7 @@ def portable_config(config: Config, run_dir: str | Path) -> Config:
         if value:
             path = Path(value).expanduser().resolve()
             setattr(getattr(out, section), key, str(path.relative_to(run)) if path.is_relative_to(run) else str(path))
-    out.run_dir = "."
+    out.run_dir = str(run)
     return out
 
 
