@@ -19,20 +19,7 @@ from fullslide.slides import read_coords, tile_slides
 from fullslide.slides.inputs import collect_jobs
 from fullslide.train.config import config_from_dict, dump_yaml
 from test_app import app_config, cohort  # noqa: F401  (the module-scoped cohort fixture)
-
-
-def _csv(path: Path, rows: list[list[str]], header=("slide_id", "path", "label")) -> Path:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and "Traceback" not in "\n".join(err)
-    return err[-1]
+from test_inputs_faults import _csv, _last_error_line as _one_line
 
 
 @pytest.mark.parametrize("slide_id,label,expected", [
@@ -43,7 +30,8 @@ def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
 ])
 def test_unusable_ids_and_missing_labels_are_refused_with_the_row(tmp_path: Path, real_svs: Path, slide_id: str,
                                                                  label: str, expected: str) -> None:
-    path = _csv(tmp_path / "c.csv", [["a", str(real_svs), "0"], [slide_id, str(real_svs), label]])
+    path = _csv(tmp_path / "c.csv", ["slide_id", "path", "label"], [["a", str(real_svs), "0"],
+                                                                    [slide_id, str(real_svs), label]])
     with pytest.raises(CohortError, match=r"c\.csv: row 2 \(line 3\), column '(slide_id|label)': .*" + expected):
         CohortTable.from_csv(path)
 

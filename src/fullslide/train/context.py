@@ -105,9 +105,8 @@ def fill(cache: ContextCache, encoder: torch.nn.Module, sources: list, position:
     from fullslide.train.inference import extract_features
 
     version = 2 * position + 1
-    todo = list(sources)
     done = 0
-    for source, feats, error in extract_features(encoder, todo, chunk_tiles=chunk_tiles, workers=workers,
+    for source, feats, error in extract_features(encoder, sources, chunk_tiles=chunk_tiles, workers=workers,
                                                  amp_dtype=amp_dtype, backend=backend, parallel=parallel):
         if feats is None:
             log.warning("context: %s has no cached features (%s); it trains without context", source.slide_id, error)
