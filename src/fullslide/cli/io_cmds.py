@@ -78,6 +78,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tile)
 
+    p = sub.add_parser("cohort", help="build the cohort CSV of a public dataset (camelyon16, tcga, panda) from its folder",
+                       description="Write the cohort CSV `train` reads from a dataset's published folder layout and "
+                       "label files (README: cohort recipes; examples/configs/ has a config for each).")
+    p.add_argument("dataset", choices=("camelyon16", "tcga", "panda"), help="which dataset's layout ROOT follows")
+    p.add_argument("root", type=Path, help="the dataset's folder as downloaded")
+    p.add_argument("--out", type=Path, required=True, help="cohort CSV to write (paths relative to it)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="tcga: a table keyed by patient (patient_id, case_submitter_id, ...) or slide_id")
+    p.add_argument("--label-column", default="label", help="tcga: the column of --labels to use (label)")
+    p.add_argument("--all-sections", action="store_true", help="tcga: keep frozen (TS/BS) sections too")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="camelyon16: share of the training slides dealt to val, stratified (0.15)")
+    p.add_argument("--seed", type=int, default=0, help="camelyon16: seed of the train/val deal (0)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="camelyon16, panda: leave out listed slides whose file is missing (warned), instead of failing")
+    p.set_defaults(func=cmd_cohort)
+
     p = sub.add_parser("synth", help="write a synthetic H&E-like cohort (pyramidal TIFFs + labels CSV)",
                        description="Procedural slides with a known signal: 'focal' (small lesion foci in positive slides, "
                        "ground-truth masks saved) or 'diffuse' (a subtle shift over all tissue of positive slides).")
@@ -160,6 +177,28 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         cells = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)]
         lines.append("  ".join(cells))
     return "\n".join(lines)
+
+
+def cmd_cohort(args: argparse.Namespace) -> int:
+    from fullslide.data.cohort import CohortTable
+    from fullslide.data.datasets import camelyon16, panda, tcga
+    from fullslide.errors import ConfigError
+
+    if args.dataset != "tcga" and (args.labels or args.all_sections):
+        raise ConfigError(f"--labels and --all-sections are for tcga, not {args.dataset}")
+    if not 0 <= args.val_fraction < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.dataset == "camelyon16":
+        out = camelyon16(args.root, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                         skip_missing=args.skip_missing)
+    elif args.dataset == "tcga":
+        out = tcga(args.root, args.out, labels=args.labels, label_column=args.label_column,
+                   all_sections=args.all_sections)
+    else:
+        out = panda(args.root, args.out, skip_missing=args.skip_missing)
+    table = CohortTable.from_csv(out, require_labels=args.dataset != "tcga" or args.labels is not None)
+    print(f"{out}: {len(table)} slides of {len(table.patients())} patients")
+    return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
