@@ -108,7 +108,9 @@ def _check_schema(results: dict, experiment: str) -> None:
             assert len(run["train_loss_by_epoch"]) == len(run["val_auc_by_epoch"]) == 2  # quick: 2 epochs
             assert isinstance(run["tiles_seen"], int) and isinstance(run["seconds"], float)
         else:
-            assert run["model"] in ("e2e", "frozen") and run["signal"] in ("focal", "diffuse")
+            assert run["model"] in ("frozen", "e2e", "e2e-cache", "e2e-lastN", "e2e-lora")
+            assert run["signal"] in ("focal", "diffuse") and run["encoder"] in ("out-of-domain", "in-domain")
+            assert run["arch"] in ("cnn", "vit") and isinstance(run["best_epoch"], int)
 
 
 def test_k_sweep_quick_writes_schema_report_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,21 +139,77 @@ def test_k_sweep_quick_writes_schema_report_and_resumes(tmp_path: Path, capsys: 
     assert again["runs"][2]["final_train_loss"] == pytest.approx(everything["final_train_loss"], abs=1e-6)  # same seed
 
 
-def test_e2e_vs_frozen_quick_schema_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_e2e_vs_frozen_quick_schema_report_tuning_and_probes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ef"
     assert main(["experiment", "e2e-vs-frozen", "--out", str(out), "--quick", "--seeds", "1", "--seed-offset", "3",
-                 "--signals", "diffuse"]) == 0
+                 "--signals", "focal", "--situations", "out-of-domain", "--tune-lr", "1e-4,1e-3"]) == 0
     results = json.loads((out / "results.json").read_text())
     _check_schema(results, "e2e-vs-frozen")
-    assert sorted((r["model"], r["signal"], r["seed"]) for r in results["runs"]) == [
-        ("e2e", "diffuse", 3), ("frozen", "diffuse", 3)]
+    assert [(r["encoder"], r["arch"], r["model"], r["seed"]) for r in results["runs"]] == [
+        ("out-of-domain", "cnn", m, 3) for m in ("frozen", "e2e", "e2e-cache")]
     report = (out / "report.md").read_text()
-    assert "e2e wins (AUC)" in report and (out / "e2e_vs_frozen.png").exists()
-    # both arms start from the same pretrained encoder
-    configs = [yaml.safe_load((out / "runs" / f"diffuse_{m}_seed3" / "run" / "config.yaml").read_text())
-               for m in ("e2e", "frozen")]
-    assert configs[0]["encoder"]["weights"] == configs[1]["encoder"]["weights"]
-    assert (configs[0]["encoder"]["freeze"], configs[1]["encoder"]["freeze"]) == (False, True)
+    assert "## Verdicts" in report and "| out-of-domain | cnn | focal | e2e-cache |" in report
+    assert (out / "e2e_vs_frozen.png").stat().st_size > 10_000 and (out / "probe.png").stat().st_size > 10_000
+    # fair arms: the same pretrained weights, the same tiles per step for frozen and e2e; the cache arm reads all
+    configs = {m: yaml.safe_load((out / "runs" / f"out-of-domain_cnn_focal_{m}_seed3" / "run" / "config.yaml")
+                                 .read_text()) for m in ("frozen", "e2e", "e2e-cache")}
+    assert len({c["encoder"]["weights"] for c in configs.values()}) == 1
+    assert [c["encoder"]["freeze"] for c in configs.values()] == [True, False, False]
+    assert configs["frozen"]["train"]["tiles_per_slide"] == configs["e2e"]["train"]["tiles_per_slide"] == "all"
+    assert configs["e2e-cache"]["train"]["context"] == "cache" and configs["e2e-cache"]["train"]["tiles_per_slide"] == 16
+    # the out-of-domain encoder was pretrained on slides without any lesion
+    pretrain_csv = out / "workspace" / "pretrain_cohort_no_lesions" / "cohort" / "labels.csv"
+    assert "lesions/" not in pretrain_csv.read_text() and ",1," not in pretrain_csv.read_text()
+    # learning rates chosen on validation runs of the tuning seed, then used by every reported run
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert {t["seed"] for t in [tuning]} == {100} and len(tuning["trials"]) == 3 * 2
+    chosen = {arm: (enc, agg) for arm, enc, agg in tuning["chosen"]}
+    assert configs["frozen"]["aggregator"]["lr"] == chosen["frozen"][1] in (1e-4, 1e-3)
+    assert configs["e2e"]["encoder"]["lr"] == chosen["e2e"][0] in (1e-4, 1e-3)
+    best = min((t for t in tuning["trials"] if t["arm"] == "e2e"), key=lambda t: t["best_val_loss"])
+    assert chosen["e2e"][0] == best["lr"]
+    # linear probes: the pretrained encoder and each fine-tuned run, on the same test tiles
+    probes = results["probes"]
+    assert [(p["stage"], p["model"]) for p in probes] == [("pretrained", None), ("fine-tuned", "e2e"),
+                                                           ("fine-tuned", "e2e-cache")]
+    assert all(0 <= p["probe_auc"] <= 1 and p["test_positive_tiles"] > 0 for p in probes)
+    assert len({p["test_tiles"] for p in probes}) == 1
+    # fine-tuning changed the encoder the probe reads
+    assert probes[0]["probe_auc"] != probes[1]["probe_auc"]
+
+
+def test_e2e_vs_frozen_vit_arms_fine_tune_what_they_say(tmp_path: Path) -> None:
+    from fullslide.experiments import e2e_vs_frozen as ef
+
+    settings = ef.Settings.quick(archs=("vit",))
+    assert settings.arms("vit") == ("frozen", "e2e", "e2e-lastN", "e2e-lora")
+    spec = settings.pretrain_spec("out-of-domain", "vit")
+    assert (spec.encoder, spec.lesions) == ("vit_tiny_patch16_224", False)
+    assert settings.pretrain_spec("in-domain", "vit").lesions
+    from fullslide.experiments.common import run_config
+
+    made = {arm: run_config(tmp_path / arm, tmp_path / "c.csv", tmp_path / "tiles", weights=tmp_path / "w.safetensors",
+                            seed=0, epochs=1, encoder_lr=1e-4, **ef.arm_overrides(settings, "vit", arm))
+            for arm in settings.arms("vit")}
+    assert made["e2e-lastN"].encoder.trainable_blocks == settings.last_blocks
+    assert made["e2e-lora"].encoder.lora_rank == settings.lora_rank
+    assert made["e2e"].encoder.trainable_blocks is None and made["e2e"].encoder.lora_rank == 0
+    assert all(c.encoder.kwargs["patch_size"] == 8 for c in made.values())
+    assert {c.train.tiles_per_slide for c in made.values()} == {"all"}
+
+
+def test_pretrain_trains_a_small_vit_that_loads_with_its_kwargs(tiled: Path, tmp_path: Path) -> None:
+    from fullslide.models import create_encoder
+    from fullslide.train.pretrain import PretrainSettings, pretrain
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    out = tmp_path / "vit.safetensors"
+    record = pretrain(tiled, out, PretrainSettings(encoder="vit_tiny_patch16_224", encoder_kwargs=kwargs, epochs=1,
+                                                   tiles_per_slide=32, batch=16))
+    assert record["settings"]["encoder_kwargs"] == kwargs
+    encoder = create_encoder("vit_tiny_patch16_224", weights=out, tile_px=32, **kwargs)  # strict load
+    trained = load_file(out)
+    assert torch.equal(encoder.backbone.state_dict()["blocks.1.attn.qkv.weight"], trained["blocks.1.attn.qkv.weight"])
 
 
 def test_experiment_arguments_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from fullslide.errors import ConfigError
@@ -15,6 +16,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Attach ``pretrain`` and ``experiment``."""
     p = sub.add_parser("pretrain", help="self-supervised (SimCLR) pretraining of a tile encoder on tiled slides",
@@ -24,6 +37,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("coords_dir", type=Path, help="folder made by `fullslide tile` (patches/*.h5)")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
     p.add_argument("--encoder", default="tinycnn", help="encoder name (tinycnn, a timm name, ...)")
+    p.add_argument("--encoder-kwargs", type=_json_object, default={},
+                   help='encoder factory arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 8}\' for a small '
+                        'ViT (give the same ones to encoder.kwargs when training)')
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (8)")
     p.add_argument("--tiles-per-slide", type=_positive_int, default=256, help="tiles sampled once per slide (256)")
     p.add_argument("--batch", type=_positive_int, default=256, help="tiles per batch; 2x views (256)")
@@ -47,6 +63,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                                 "none,cache (none)")
         else:
             q.add_argument("--signals", default="focal,diffuse", help="cohort signals (focal,diffuse)")
+            q.add_argument("--situations", default="out-of-domain,in-domain",
+                           help="pretrained encoders: out-of-domain (never saw a lesion), in-domain (did) "
+                                "(out-of-domain,in-domain)")
+            q.add_argument("--archs", default="cnn",
+                           help="encoders: cnn (tinycnn: frozen, e2e, e2e-cache), vit (a small ViT: frozen, e2e, "
+                                "e2e-lastN, e2e-lora) or cnn,vit (cnn)")
+            q.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
+                           help="choose each arm's learning rate among these on validation loss first (seed 100, "
+                                "the first signal); default: the rates chosen for EXPERIMENTS.md")
         q.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (3)")
         q.add_argument("--seed-offset", type=int, default=0, help="first seed (0)")
         q.add_argument("--quick", action="store_true", help="a small plumbing check (< 3 min on 2 cores)")
@@ -56,12 +81,19 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from fullslide.train.pretrain import PretrainSettings, pretrain
 
-    settings = PretrainSettings(encoder=args.encoder, epochs=args.epochs, tiles_per_slide=args.tiles_per_slide,
+    settings = PretrainSettings(encoder=args.encoder, encoder_kwargs=args.encoder_kwargs, epochs=args.epochs, tiles_per_slide=args.tiles_per_slide,
                                 batch=args.batch, lr=args.lr, temperature=args.temperature, seed=args.seed)
     record = pretrain(args.coords_dir, args.out, settings, device=args.device, progress=not args.no_progress)
     print(f"{args.out}: {record['tiles']} tiles of {record['slides']} slides, contrastive loss "
           f"{record['loss_by_epoch'][0]:.3f} -> {record['loss_by_epoch'][-1]:.3f} in {record['seconds']:.0f} s")
     return 0
+
+
+def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or len(set(values)) != len(values) or any(v not in allowed for v in values):
+        raise ConfigError(f"{flag} {text!r}: give distinct values among {', '.join(allowed)}")
+    return values
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -77,7 +109,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         bad = [s for s in signals if s not in ("focal", "diffuse")]
         if bad or not signals or len(set(signals)) != len(signals):
             raise ConfigError(f"--signals {args.signals!r}: give distinct values among focal, diffuse")
+        situations = _choices("--situations", args.situations, e2e_vs_frozen.SITUATIONS)
+        archs = _choices("--archs", args.archs, e2e_vs_frozen.ARCHS)
+        grid = None
+        if args.tune_lr:
+            try:
+                grid = [float(v) for v in args.tune_lr.split(",") if v.strip()]
+            except ValueError:
+                raise ConfigError(f"--tune-lr {args.tune_lr!r}: give learning rates separated by commas") from None
+            if not grid or any(not v > 0 for v in grid):
+                raise ConfigError(f"--tune-lr {args.tune_lr!r}: give positive learning rates")
+        base = e2e_vs_frozen.Settings.quick() if args.quick else e2e_vs_frozen.Settings()
+        settings = dataclasses.replace(base, situations=tuple(situations), archs=tuple(archs))
         report = e2e_vs_frozen.run(args.out, signals=signals, seeds=args.seeds, seed_offset=args.seed_offset,
-                                   quick=args.quick)
+                                   quick=args.quick, settings=settings, tune_grid=grid)
     print(report)
     return 0

@@ -35,6 +35,7 @@ class CohortSpec:
     lesion_contrast: float = 1.0
     diffuse_strength: float = 1.0
     stain_variation: float = 0.35
+    positive_fraction: float = 0.5
     seed: int = 0
 
 
@@ -54,9 +55,13 @@ class RunSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PretrainSpec:
-    """The experiments' "foundation model": ``tinycnn`` pretrained with SimCLR (``fullslide pretrain``) on a
-    separate cohort - other slides (its own seed), full-contrast lesions on 3% of positive slides' tissue - whose
-    labels are never used."""
+    """The experiments' "foundation model": an encoder pretrained with SimCLR (``fullslide pretrain``) on a
+    separate cohort - other slides (its own seed) whose labels are never used.
+
+    ``lesions=True`` (*in-domain*): half of that cohort's slides hold full-contrast lesions on 3% of the tissue, so
+    the encoder learns to represent the lesion morphology the labelled task depends on. ``lesions=False``
+    (*out-of-domain*): no slide holds a lesion, so the encoder learns normal tissue only - the situation of a general
+    pathology model meeting a task-specific morphology it never saw (EXPERIMENTS.md)."""
 
     slides: int = 16
     size: int = 3072
@@ -65,19 +70,25 @@ class PretrainSpec:
     batch: int = 256
     stain_variation: float = 0.35
     seed: int = 1000
+    lesions: bool = True
+    encoder: str = "tinycnn"
+    encoder_kwargs: tuple[tuple[str, Any], ...] = ()
+    lr: float = 2e-3
 
     @staticmethod
-    def quick() -> "PretrainSpec":
-        return PretrainSpec(slides=3, size=1024, epochs=2, tiles_per_slide=256, batch=64)
+    def quick(**changes: Any) -> "PretrainSpec":
+        return dataclasses.replace(PretrainSpec(slides=3, size=1024, epochs=2, tiles_per_slide=256, batch=64), **changes)
 
     def cohort(self) -> CohortSpec:
         return CohortSpec(slides=self.slides, size=self.size, signal="focal", lesion_fraction=0.03,
-                          stain_variation=self.stain_variation, seed=self.seed)
+                          stain_variation=self.stain_variation, seed=self.seed,
+                          positive_fraction=0.5 if self.lesions else 0.0)
 
     def settings(self) -> Any:
         from fullslide.train.pretrain import PretrainSettings
 
-        return PretrainSettings(epochs=self.epochs, tiles_per_slide=self.tiles_per_slide, batch=self.batch)
+        return PretrainSettings(encoder=self.encoder, encoder_kwargs=dict(self.encoder_kwargs), epochs=self.epochs,
+                                tiles_per_slide=self.tiles_per_slide, batch=self.batch, lr=self.lr)
 
 
 def check_settings(out: Path, experiment: str, settings: dict[str, Any]) -> None:
@@ -120,7 +131,7 @@ def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2)
         csv = make_cohort(folder / "cohort", spec.slides, signal=spec.signal, size=(spec.size, spec.size), mpp=0.5,
                           lesion_fraction=spec.lesion_fraction, lesion_contrast=spec.lesion_contrast,
                           diffuse_strength=spec.diffuse_strength, stain_variation=spec.stain_variation,
-                          seed=spec.seed, workers=workers)
+                          positive_fraction=spec.positive_fraction, seed=spec.seed, workers=workers)
         results = tile_slides([csv], folder / "tiles", target_mpp=TARGET_MPP, tile_px=TILE_PX, workers=workers)
         bad = [r for r in results if r.failed]
         if bad:
@@ -131,13 +142,14 @@ def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2)
     return folder / "cohort" / "labels.csv", folder / "tiles"
 
 
-def prepare_encoder(root: Path, pretrain_spec: PretrainSpec) -> Path:
-    """The pretrained encoder of ``pretrain_spec`` (cached); returns the weights file."""
+def prepare_encoder(root: Path, pretrain_spec: PretrainSpec, name: str = "encoder") -> Path:
+    """The pretrained encoder of ``pretrain_spec`` (cached in ``root/name``); returns the weights file."""
     from fullslide.train.pretrain import pretrain
 
     spec, settings = pretrain_spec.cohort(), pretrain_spec.settings()
-    _, tiles = prepare_cohort(root, "pretrain_cohort", spec)
-    folder = root / "encoder"
+    cohort_name = "pretrain_cohort" if pretrain_spec.lesions else "pretrain_cohort_no_lesions"
+    _, tiles = prepare_cohort(root, cohort_name, spec)
+    folder = root / name
     weights = folder / "pretrained.safetensors"
 
     def build() -> None:
@@ -151,11 +163,14 @@ def prepare_encoder(root: Path, pretrain_spec: PretrainSpec) -> Path:
 
 
 def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed: int, epochs: int,
-               tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None, context: str = "none"):
-    """The training config every experiment run shares: tinycnn + gated attention, fixed patient-level splits
-    (``split_seed`` 0 whatever the run's seed), 2 slides per step, validation on all tiles every epoch,
-    best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline; ``context: cache`` gives the
-    aggregator every tile each step (the rest from the feature cache)."""
+               tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None, context: str = "none",
+               aggregator_lr: float = 1e-3, encoder: str = "tinycnn", encoder_kwargs: dict[str, Any] | None = None,
+               finetune: dict[str, Any] | None = None):
+    """The training config every experiment run shares: an encoder (``tinycnn`` unless told) + gated attention,
+    fixed patient-level splits (``split_seed`` 0 whatever the run's seed), 2 slides per step, validation on all tiles
+    every epoch, best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline; ``context: cache``
+    gives the aggregator every tile each step (the rest from the feature cache); ``finetune`` adds encoder keys
+    (``trainable_blocks``, ``lora_rank``)."""
     from fullslide.train.config import config_from_dict
 
     return config_from_dict({
@@ -163,8 +178,9 @@ def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed:
         "data": {"cohort": str(cohort), "coords_dir": str(tiles), "target_mpp": TARGET_MPP, "tile_px": TILE_PX,
                  "fractions": [0.5, 0.2, 0.3], "split_seed": 0,
                  **({"features_dir": str(features_dir)} if features_dir else {})},
-        "encoder": {"name": "tinycnn", "weights": str(weights), "lr": encoder_lr, "freeze": features_dir is not None},
-        "aggregator": {"name": "gma", "lr": 1e-3},
+        "encoder": {"name": encoder, "weights": str(weights), "lr": encoder_lr, "freeze": features_dir is not None,
+                    "kwargs": dict(encoder_kwargs or {}), **(finetune or {})},
+        "aggregator": {"name": "gma", "lr": aggregator_lr},
         "train": {"epochs": epochs, "tiles_per_slide": tiles_per_slide, "slides_per_step": 2, "chunk_tiles": 64,
                   "warmup_epochs": 0.5, "min_lr_ratio": 0.1, "selection_metric": "loss", "loader_workers": 1,
                   "seed": seed, "device": "cpu", "context": context},
@@ -201,7 +217,10 @@ def train_and_test(config: Any) -> dict[str, Any]:
         return _finite(m.get("value")), [_finite(m.get("ci_low")), _finite(m.get("ci_high"))]
 
     (auc, auc_ci), (loss, loss_ci) = metric("auc"), metric("loss")
+    val_losses = [v for v in column("val_loss")]
+    finite = [(v, e) for e, v in enumerate(val_losses, start=1) if v is not None]
     return {
+        "best_epoch": min(finite)[1] if finite else None,
         "train_loss_by_epoch": column("train_loss"), "val_loss_by_epoch": column("val_loss"),
         "val_auc_by_epoch": column("val_auc"), "test_auc": auc, "test_auc_ci": auc_ci, "test_loss": loss,
         "test_loss_ci": loss_ci,
@@ -228,8 +247,10 @@ def cached_run(runs_dir: Path, name: str, fn: Callable[[], dict[str, Any]]) -> d
     return result
 
 
-def write_results(out: Path, experiment: str, runs: list[dict[str, Any]], settings: dict[str, Any]) -> Path:
-    """``out/results.json``: ``{"experiment", "settings", "runs"}`` (the schema in EXPERIMENTS.md)."""
+def write_results(out: Path, experiment: str, runs: list[dict[str, Any]], settings: dict[str, Any],
+                  extra: dict[str, Any] | None = None) -> Path:
+    """``out/results.json``: ``{"experiment", "settings", "runs", ...extra}`` (the schema in EXPERIMENTS.md)."""
     path = out / "results.json"
-    atomic_write_text(path, json.dumps({"experiment": experiment, "settings": settings, "runs": runs}, indent=1))
+    record = {"experiment": experiment, "settings": settings, "runs": runs, **(extra or {})}
+    atomic_write_text(path, json.dumps(record, indent=1))
     return path

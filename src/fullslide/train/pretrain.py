@@ -41,6 +41,9 @@ class PretrainSettings:
     """Settings of one pretraining run (all recorded in the weights file)."""
 
     encoder: str = "tinycnn"
+    encoder_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Extra arguments of the encoder factory (e.g. a small ViT: ``{"img_size": 32, "patch_size": 8, ...}``);
+    the same ones must be given to ``encoder.kwargs`` when the weights are used."""
     epochs: int = 8
     tiles_per_slide: int = 256
     batch: int = 256
@@ -139,7 +142,7 @@ def pretrain(coords_dir: str | Path, out: str | Path, settings: PretrainSettings
     if len(tiles) < settings.batch:
         raise ConfigError(f"pretrain: {coords_dir}: {len(tiles)} tiles, fewer than one batch of {settings.batch}")
     torch.manual_seed(settings.seed)
-    encoder = create_encoder(settings.encoder, tile_px=int(tiles.shape[-1])).to(device)
+    encoder = create_encoder(settings.encoder, tile_px=int(tiles.shape[-1]), **settings.encoder_kwargs).to(device)
     width = encoder.feature_dim
     head = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, settings.projection_dim)).to(device)
     params = [p for p in [*encoder.parameters(), *head.parameters()] if p.requires_grad]

@@ -2,8 +2,10 @@
 
 1. synthesize a ``focal`` cohort (positive slides hold a few small lesion foci) as real pyramidal TIFFs;
 2. tile it (tissue detection, grid at the target mpp);
-3. pretrain the encoder without labels (SimCLR, ``fullslide pretrain``) on a separate small cohort: the
-   demo's stand-in for a pathology foundation model (no weights can be downloaded);
+3. pretrain the encoder without labels (SimCLR, ``fullslide pretrain``) on a separate small cohort without any
+   lesion: the demo's stand-in for a general pathology foundation model that never saw the task's morphology (the
+   *out-of-domain* situation of ``fullslide experiment e2e-vs-frozen``, where end-to-end should win; no weights
+   can be downloaded);
 4. train end-to-end (encoder + gated-attention MIL) from that pretrained encoder, and extract features with the
    same encoder, frozen, and train the aggregator alone on them (same splits);
 5. evaluate both on the held-out test slides (all tiles, bootstrap CIs), draw heatmaps, and measure whether
@@ -128,7 +130,7 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
     if bad:
         log.warning("%d slide(s) failed tiling: %s", len(bad), bad[0].message)
     with stage(log, "pretrain encoder", timings):
-        pre_cohort = make_cohort(out / "pretrain_cohort", 6, signal="focal", size=wh, mpp=0.5, lesion_fraction=0.03,
+        pre_cohort = make_cohort(out / "pretrain_cohort", 6, signal="focal", size=wh, mpp=0.5, positive_fraction=0.0,
                                  stain_variation=DEFAULTS["stain_variation"], seed=seed + 1000, workers=2)
         tile_slides([pre_cohort], out / "pretrain_tiles", target_mpp=1.0, tile_px=32, workers=2)
         record = pretrain(out / "pretrain_tiles", out / "encoder_init.safetensors",
@@ -163,9 +165,11 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
              f"stain strength varies by up to {DEFAULTS['stain_variation']:.0%} between patients, as between sites. "
              "Tiles of 32 px at 1.0 mpp. "
              f"Both models start from the same `tinycnn` encoder, pretrained without labels (SimCLR, "
-             f"`fullslide pretrain`) on {record['tiles']} tiles of 6 other slides (contrastive loss "
-             f"{record['loss_by_epoch'][0]:.2f} -> {record['loss_by_epoch'][-1]:.2f}): the demo's stand-in for a "
-             "pathology foundation model. The frozen baseline keeps it fixed and trains only the gated-attention "
+             f"`fullslide pretrain`) on {record['tiles']} tiles of 6 other slides, none with a lesion (contrastive "
+             f"loss {record['loss_by_epoch'][0]:.2f} -> {record['loss_by_epoch'][-1]:.2f}): the demo's stand-in for "
+             "a general pathology foundation model meeting a morphology it never saw - the *out-of-domain* situation, "
+             "where end-to-end fine-tuning should beat the frozen encoder (`fullslide experiment e2e-vs-frozen` "
+             "measures both situations). The frozen baseline keeps it fixed and trains only the gated-attention "
              "aggregator on extracted features. Same patient-level splits, same metrics.")
     settings = {"slides": n_slides, "size": f"{wh[0]}x{wh[1]}", "epochs": n_epochs, "seed": seed,
                 "tiles per slide (K)": e2e.train.tiles_per_slide, "slides per step": e2e.train.slides_per_step,
