@@ -26,6 +26,17 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("cv", help="k-fold cross-validation: one run per fold and seed, a results table, ROC/PR curves",
+                       description="Patient-level stratified folds; each fold and seed is a normal run folder under "
+                       "OUT/runs (rerun the command to resume). Writes OUT/results.md, OUT/results.csv and OUT/curves/.")
+    _config_args(p, config_required=True)
+    p.add_argument("--folds", type=int, default=5, help="number of folds (5)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per fold (1)")
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed (0)")
+    p.add_argument("--out", type=Path, required=True, help="cross-validation folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_cv)
+
     p = sub.add_parser("eval", help="evaluate a trained run on a split: predictions.csv + metrics.json with 95%% CIs")
     p.add_argument("run_dir", type=Path, help="run folder made by `fullslide train`")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (test)")
@@ -80,6 +91,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     from fullslide.train.config import dump_yaml, load_config
 
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from fullslide.errors import ConfigError
+    from fullslide.experiments.cv import run_cv
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    report = run_cv(args.config, args.out, folds=args.folds, seeds=args.seeds, seed_offset=args.seed_offset,
+                    overrides=tuple(args.overrides), progress=not args.no_progress and sys.stderr.isatty())
+    print(report)
     return 0
 
 

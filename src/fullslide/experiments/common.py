@@ -188,23 +188,30 @@ def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed:
     })
 
 
+def train_or_resume(config: Any, progress: bool = False) -> Path:
+    """Train ``config``, or resume its run from the last checkpoint when an earlier session was interrupted (a
+    folder without one is cleared first: a run never mixes two starts). Returns the run folder."""
+    from fullslide.train.trainer import train
+
+    run_dir = Path(config.run_dir)
+    if (run_dir / "checkpoints" / "last.json").exists():
+        log.info("%s: resuming the interrupted run", run_dir.name)
+        return train(resume=run_dir, progress=progress)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return train(config, progress=progress)
+
+
 def train_and_test(config: Any) -> dict[str, Any]:
     """Train ``config`` (resuming an interrupted run from its last checkpoint; a folder without one is cleared),
     then score the best checkpoint on the test split. Returns per-epoch curves and test metrics (value and 95% CI);
     ``seconds`` counts this session's part of a resumed run."""
     from fullslide.train.evaluate import evaluate_run
-    from fullslide.train.trainer import train
     from fullslide.viz.report import read_metrics_csv
 
     run_dir = Path(config.run_dir)
     t0 = time.perf_counter()
-    if (run_dir / "checkpoints" / "last.json").exists():
-        log.info("%s: resuming the interrupted run", run_dir.name)
-        train(resume=run_dir, progress=False)
-    else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        train(config, progress=False)
+    train_or_resume(config)
     history = read_metrics_csv(run_dir / "metrics.csv")
     folder, _ = evaluate_run(run_dir, split="test")
     test = json.loads((folder / "metrics.json").read_text())["metrics"]

@@ -73,8 +73,12 @@ def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best"
     if ctx.rank != 0:  # every rank holds the results; one writes them
         return out, ""
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "predictions.csv", prediction_rows(config.data.task, data.cohort, info["classes"], preds,
-                                                       data.splits))
+    rows = prediction_rows(config.data.task, data.cohort, info["classes"], preds, data.splits)
+    write_csv(out / "predictions.csv", rows)
+    if config.data.task == "classification":  # roc.csv / pr.csv and their PNGs
+        from fullslide.viz.curves import curve_inputs, write_curves
+
+        write_curves({split: curve_inputs(rows, info["classes"])}, out, f"{Path(run_dir).name}, {split}")
     failed = {p.slide_id: p.error for p in preds if p.error}
     failed.update({k: v for k, v in data.excluded.items() if data.splits.get(k) == split})
     write_json(out / "metrics.json", {"split": split, "checkpoint": str(ckpt.checkpoint_dir(run_dir, checkpoint)),
