@@ -137,7 +137,27 @@ def test_heatmap_png_and_qupath_geojson(trained: Path, tmp_path: Path) -> None:
     attention = [f["properties"]["measurements"]["attention"] for f in geo["features"]]
     assert abs(sum(attention) - 1) < 1e-4
     with Image.open(tmp_path / "hm/cmu_attention.png") as image:
-        assert image.mode == "RGB" and max(image.size) >= 512
+        assert image.mode in ("RGB", "RGBA") and max(image.size) >= 512
+    assert (tmp_path / "hm/cmu_attention_gallery.png").stat().st_size > 5_000  # top/bottom tiles at full resolution
+    # paper options: annotation outlines from a QuPath GeoJSON, another scale, smoothing; bad values are one line
+    ann = tmp_path / "cmu_annotation.geojson"
+    ann.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {
+        "type": "Polygon", "coordinates": [[[100, 100], [900, 100], [900, 700], [100, 100]]]}, "properties": {}}]}))
+    assert main(["heatmap", str(trained), "--slides", "cmu", "--out", str(tmp_path / "hm2"), "--annotations", str(ann),
+                 "--scale", "raw", "--smooth", "1", "--alpha", "0.3", "--top-k", "0"]) == 0
+    assert (tmp_path / "hm2/cmu_attention.png").exists() and not (tmp_path / "hm2/cmu_attention_gallery.png").exists()
+    assert main(["heatmap", str(trained), "--slides", "cmu", "--out", str(tmp_path / "hm3"), "--alpha", "2"]) == 2
+    assert main(["heatmap", str(trained), "--slides", "cmu", "--annotations", str(tmp_path / "none.geojson")]) == 2
+    # the title: predicted probability of the positive class, the predicted class, the label, run and epoch
+    from fullslide.train.evaluate import heatmap_header
+    from fullslide.train.inference import SlidePrediction
+
+    best_epoch = json.loads((trained / "checkpoints" / json.loads((trained / "checkpoints/best.json").read_text())[
+        "checkpoint"] / "state.json").read_text())["epoch"]
+    header = heatmap_header(trained, "best", {"task": "classification", "classes": ["0", "1"]}, "cmu",
+                            SlidePrediction("cmu", np.array([0.0, np.log(3.0)])), "1")
+    assert (header.prediction, header.label) == ("P(1) 0.750 -> 1", "1")
+    assert header.run == f"{trained.name}, epoch {best_epoch} (best)"
 
 
 def test_extract_then_frozen_baseline_trains_only_the_aggregator(cohort: Path, tmp_path: Path) -> None:

@@ -73,6 +73,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide of the split)")
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/heatmaps)")
+    p.add_argument("--scale", default="rank", choices=("rank", "minmax", "raw"),
+                   help="colours: percentile rank within the slide, the slide's min to max, or raw scores (rank)")
+    p.add_argument("--alpha", type=float, default=0.45, help="opacity of the colours over the tissue (0.45)")
+    p.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing, sigma in tiles (0: tile squares)")
+    p.add_argument("--cmap", default="coolwarm", help="matplotlib colour map (coolwarm)")
+    p.add_argument("--top-k", type=int, default=8, help="tiles in the top-k / bottom-k gallery (8; 0: none)")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="outlines to draw: a GeoJSON (QuPath export) or lesion-mask PNG, or a folder of "
+                        "{slide_id}.geojson|.json|.png")
     p.add_argument("--tile-parallel", type=int, default=1, metavar="T",
                    help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.set_defaults(func=cmd_heatmap)
@@ -158,8 +167,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_heatmap(args: argparse.Namespace) -> int:
     from fullslide.train.evaluate import heatmaps_for_run
 
+    from fullslide.viz.heatmap import HeatmapStyle
+
+    style = HeatmapStyle(scale=args.scale, alpha=args.alpha, smooth=args.smooth, cmap=args.cmap, top_k=args.top_k)
     out, n = heatmaps_for_run(args.run_dir, split=args.split, slide_ids=args.slides, checkpoint=args.checkpoint,
-                              out=args.out, tile_parallel=args.tile_parallel)
+                              out=args.out, tile_parallel=args.tile_parallel, style=style,
+                              annotations=args.annotations)
     print(f"{n} heatmap(s) written to {out}")
     return 0
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -199,24 +199,74 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False,
 
 
 def draw_slide_heatmap(source: SlideSource, pred: SlidePrediction, out_dir: Path, *, backend: str = "auto",
-                       max_size: int = 2048) -> list[Path]:
-    """Attention (and per-tile prediction where the aggregator has one) over the thumbnail + GeoJSON."""
+                       max_size: int = 2048, style: Any = None, header: Any = None,
+                       annotations: Path | None = None) -> list[Path]:
+    """Attention (and per-tile prediction where the aggregator has one) over the thumbnail, a top/bottom tile
+    gallery, and the GeoJSON (see :mod:`fullslide.viz.heatmap`)."""
     from fullslide.slides import open_slide, read_coords
-    from fullslide.viz.heatmap import write_heatmap
+    from fullslide.viz.heatmap import HeatmapStyle, write_heatmap
 
     coords, geometry = read_coords(source.coords_h5)
-    with open_slide(source.path, backend=backend, mpp=source.mpp) as slide:
-        thumb = slide.thumbnail(max_size)
-        dims = slide.dimensions
     scores = {"attention": pred.attention}
     if pred.tile_logits is not None:
         scores["tile_prediction"] = pred.tile_logits[:, -1]
-    return write_heatmap(out_dir, source.slide_id, thumb, dims, coords, geometry.level0_px, scores)
+    with open_slide(source.path, backend=backend, mpp=source.mpp) as slide:
+        thumb = slide.thumbnail(max_size)
+        return write_heatmap(out_dir, source.slide_id, thumb, slide.dimensions, coords, geometry.level0_px, scores,
+                             style=style or HeatmapStyle(), header=header, annotations=annotations,
+                             read_tiles=lambda xy: slide.read_tiles(xy, geometry))
+
+
+def annotation_for(slide_id: str, annotations: Path | None) -> Path | None:
+    """The annotation file of one slide: ``annotations`` itself when it is a file, else ``{slide_id}.geojson``,
+    ``.json`` or ``.png`` (a lesion mask) inside that folder; None when there is none."""
+    if annotations is None:
+        return None
+    if annotations.is_file():
+        return annotations
+    for suffix in (".geojson", ".json", ".png"):
+        if (annotations / f"{slide_id}{suffix}").is_file():
+            return annotations / f"{slide_id}{suffix}"
+    return None
+
+
+def heatmap_header(run_dir: Path, checkpoint: str, info: dict, slide_id: str, pred: SlidePrediction,
+                   label: str | None) -> Any:
+    """The heatmap title: slide, predicted probability (or risk) and class, label, run and checkpoint epoch."""
+    import torch
+
+    from fullslide.train.losses import predictions
+    from fullslide.viz.heatmap import HeatmapHeader
+
+    task, classes = info.get("task", "classification"), info.get("classes") or []
+    values = predictions(task, torch.as_tensor(pred.logits[None]))[0]
+    if task == "classification":
+        top = int(values.argmax())
+        shown = classes[-1] if len(classes) == 2 else classes[top]
+        prob = float(values[classes.index(shown)])
+        text = f"P({shown}) {prob:.3f} -> {classes[top]}"
+    else:
+        text = f"{'risk' if task == 'survival' else 'prediction'} {float(values):.3g}"
+    try:
+        where = ckpt.checkpoint_dir(run_dir, checkpoint)
+        epoch = json.loads((where / "state.json").read_text()).get("epoch")
+        run = f"{Path(run_dir).name}, epoch {epoch} ({checkpoint if checkpoint in ('best', 'last') else where.name})"
+    except (OSError, ValueError, FullslideError):
+        run = Path(run_dir).name
+    return HeatmapHeader(slide_id=slide_id, prediction=text, label=label, run=run)
 
 
 def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[str] | None = None,
-                     checkpoint: str = "best", out: Path | None = None, tile_parallel: int = 1) -> tuple[Path, int]:
-    """Heatmaps for ``slide_ids`` (default: the split's slides); returns (folder, number of slides drawn)."""
+                     checkpoint: str = "best", out: Path | None = None, tile_parallel: int = 1,
+                     style: Any = None, annotations: Path | None = None) -> tuple[Path, int]:
+    """Heatmaps for ``slide_ids`` (default: the split's slides); returns (folder, number of slides drawn).
+    ``annotations``: a GeoJSON / mask file, or a folder of ``{slide_id}.geojson|.json|.png``, drawn as outlines."""
+    from fullslide.viz.heatmap import HeatmapStyle
+
+    style = style or HeatmapStyle()
+    style.check()
+    if annotations is not None and not Path(annotations).exists():
+        raise FullslideError(f"{annotations}: annotation file or folder not found")
     config, info, model, ctx = load_run(run_dir, checkpoint, tile_parallel)
     data = prepare_data(config, Path(run_dir), ctx)
     if slide_ids:
@@ -236,6 +286,11 @@ def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[
         if pred.error:
             log.warning("no heatmap for %s: %s", source.slide_id, pred.error)
             continue
-        draw_slide_heatmap(source, pred, out, backend=config.data.backend)
+        record = data.cohort.by_id(source.slide_id) if source.slide_id in data.cohort.slide_ids else None
+        label = None if record is None else (record.label if record.label is not None else
+                                             None if record.target is None else f"{record.target:g}")
+        header = heatmap_header(Path(run_dir), checkpoint, info, source.slide_id, pred, label)
+        draw_slide_heatmap(source, pred, out, backend=config.data.backend, style=style, header=header,
+                           annotations=annotation_for(source.slide_id, Path(annotations) if annotations else None))
         n += 1
     return out, n
