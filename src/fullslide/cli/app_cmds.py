@@ -86,6 +86,19 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="under torchrun: T ranks share each slide's tiles (one huge slide uses T GPUs)")
     p.set_defaults(func=cmd_heatmap)
 
+    p = sub.add_parser("view", help="a local web viewer: pan and zoom slides with their scores (127.0.0.1 only)",
+                       description="Serve the run's slides with the score overlay, tile scores on hover, annotations "
+                       "and the predictions, on http://127.0.0.1:PORT (Ctrl-C stops). Missing scores are computed "
+                       "first (as `fullslide heatmap`). Nothing is downloaded: the page ships inside the package.")
+    p.add_argument("run_dir", type=Path, help="run folder made by `fullslide train`")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="slides of this split (test)")
+    p.add_argument("--slides", nargs="*", default=None, help="slide ids (default: every slide of the split)")
+    p.add_argument("--annotations", type=Path, default=None,
+                   help="a GeoJSON / mask PNG, or a folder of {slide_id}.geojson|.json|.png, drawn as outlines")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765; 0: any free one)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=cmd_view)
+
     p = sub.add_parser("demo", help="the main job on its built-in default: synthetic cohort -> E2E vs frozen -> report")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (demo_out)")
     p.add_argument("--slides", type=int, default=None, help="slides in the synthetic cohort")
@@ -174,6 +187,27 @@ def cmd_heatmap(args: argparse.Namespace) -> int:
                               out=args.out, tile_parallel=args.tile_parallel, style=style,
                               annotations=args.annotations)
     print(f"{n} heatmap(s) written to {out}")
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from fullslide.viz.viewer import prepare, serve
+
+    data = prepare(args.run_dir, split=args.split, slide_ids=args.slides, annotations=args.annotations)
+    server = serve(data, args.port)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    print(f"fullslide view: {len(data.slides)} slide(s) of {args.run_dir} at {url} (Ctrl-C stops)", flush=True)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        data.close()
     return 0
 
 

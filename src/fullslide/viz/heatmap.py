@@ -348,6 +348,8 @@ def write_heatmap(
     measurements = dict(scores)
     measurements.update({f"{k}_rank": percentile_rank(v) for k, v in scores.items()})
     geo = out_dir / f"{slide_id}.geojson"
-    atomic_write_text(geo, json.dumps(tiles_geojson(level0_xy, level0_px, measurements)))
+    collection = tiles_geojson(level0_xy, level0_px, measurements)
+    collection["fullslide"] = dataclasses.asdict(header)  # a foreign member: QuPath ignores it, `view` reads it
+    atomic_write_text(geo, json.dumps(collection))
     written.append(geo)
     return written
