@@ -233,7 +233,7 @@ def draw_figure(overlay: np.ndarray, low: float, high: float, key: str, style: H
     h, w = overlay.shape[:2]
     fig_w = max(6.0, w / 100 + 1.4)  # inches at 100 dpi: the thumbnail near its own resolution, 1.4 in for the bar
     img_h = h / w * (fig_w - 1.4)
-    fig_h = img_h + 0.62  # room for the two title lines
+    fig_h = img_h + max(0.62, 0.05 * fig_w)  # room for the two title lines
     fig = plt.figure(figsize=(fig_w, fig_h), dpi=100)
     ax = fig.add_axes((0.05 / fig_w, 0.05 / fig_h, (fig_w - 1.45) / fig_w, img_h / fig_h))
     ax.imshow(overlay, interpolation="nearest")
@@ -241,7 +241,7 @@ def draw_figure(overlay: np.ndarray, low: float, high: float, key: str, style: H
     for i, ring in enumerate(outlines):
         ax.plot(ring[:, 0] * sx, ring[:, 1] * sy, color="#00d000", lw=1.4, label="annotation" if i == 0 else None)
     if outlines:
-        ax.legend(loc="lower right", fontsize=9, framealpha=0.8)
+        ax.legend(loc="lower right", fontsize=max(9.0, min(18.0, 0.6 * max(6.0, w / 100 + 1.4))), framealpha=0.8)
     ax.set_axis_off()
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
@@ -255,15 +255,17 @@ def draw_figure(overlay: np.ndarray, low: float, high: float, key: str, style: H
         line2.append(f"smoothed (sigma {style.smooth:g} tiles)")
     if header.run:
         line2.append(header.run)
-    ax.set_title("  |  ".join(parts) + "\n" + ", ".join(line2), fontsize=10, loc="left")
+    font = max(10.0, min(22.0, 1.0 * fig_w))  # readable when the PNG is shown at a page's width
+    ax.set_title("  |  ".join(parts) + "\n" + ", ".join(line2), fontsize=font, loc="left")
     cax = fig.add_axes(((fig_w - 1.2) / fig_w, 0.1 / fig_h + 0.1 * img_h / fig_h, 0.18 / fig_w, 0.8 * img_h / fig_h))
     mappable = cm.ScalarMappable(norm=colors.Normalize(low, high), cmap=style.cmap)
     bar = fig.colorbar(mappable, cax=cax)
     if style.scale == "rank":
         bar.set_ticks([0, 0.25, 0.5, 0.75, 1.0], labels=["0", "25", "50", "75", "100"])
-        bar.set_label(f"{key}: percentile rank within the slide")
+        bar.set_label(f"{key}: percentile rank within the slide", fontsize=font * 0.8)
     else:
-        bar.set_label(f"{key}" + (" (colours: slide min to max)" if style.scale == "minmax" else ""))
+        bar.set_label(f"{key}" + (" (colours: slide min to max)" if style.scale == "minmax" else ""), fontsize=font * 0.8)
+    bar.ax.tick_params(labelsize=font * 0.7)
     return fig
 
 
