@@ -155,7 +155,7 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
             log.info("%s %s", label, line)
             metrics[label] = json.loads((folder / "metrics.json").read_text())["metrics"]
             localisation += lesion_localisation(label, out / name, cohort)
-            hm_dir, _ = heatmaps_for_run(out / name, split="test")
+            hm_dir, _ = heatmaps_for_run(out / name, split="test", annotations=out / "cohort" / "lesions")
             positives = [r["slide_id"] for r in localisation if r["model"] == label][:2]
             heatmaps += [(f"{label}: {s}", hm_dir / f"{s}_attention.png") for s in positives]
     curves = plot_curves({"end-to-end": out / "e2e", "frozen encoder": out / "frozen"}, out / "curves.png")

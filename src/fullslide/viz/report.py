@@ -28,9 +28,16 @@ def plot_curves(runs: dict[str, Path], out: Path, metric: str = "val_auc") -> Pa
         axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o", label=name)
         axes[1].plot(epochs, [r.get("val_loss", float("nan")) for r in rows], marker="o", label=name)
         axes[2].plot(epochs, [r.get(metric, float("nan")) for r in rows], marker="o", label=name)
-    for ax, title in zip(axes, ("training loss", "validation loss", f"validation {metric.removeprefix('val_')}")):
+    name = metric.removeprefix("val_")
+    for ax, title, ylabel in zip(axes, ("training loss", "validation loss", f"validation {name}"),
+                                 ("cross-entropy (mean over the epoch's steps)", "cross-entropy", name.upper()
+                                  if name == "auc" else name)):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+    if name in ("auc", "accuracy", "balanced_accuracy", "c_index"):
+        axes[2].set_ylim(-0.02, 1.02)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
