@@ -34,7 +34,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, real_svs: Path) -> tuple[Pat
 def _write_config(root: Path, cohort: Path, run_dir: Path, **train: object) -> Path:
     cfg = app_config(root, cohort, run_dir=str(run_dir), data={"coords_dir": str(root / "tiles")},
                      train={"epochs": 3, "slides_per_step": 1, "tiles_per_slide": 48, "loader_workers": 1, **train},
-                     encoder={"drop_rate": 0.2})
+                     encoder={"drop_rate": 0.2},
+                     augment={"hed_sigma": 0.05, "hed_bias": 0.05})  # stain jitter replays on resume too
     path = root / f"{run_dir.name}.yaml"
     path.write_text(dump_yaml(cfg))
     return path

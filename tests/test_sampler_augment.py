@@ -127,3 +127,47 @@ def test_steps_read_in_parts_reassemble_exactly_and_bound_what_is_in_flight(synt
         assert a.positions == b.positions and a.k_totals == b.k_totals
         assert all(torch.equal(x, y) for x, y in zip(a.data, b.data))
     assert prefetch_per_worker(20_000, 1024, 8) == 2 and prefetch_per_worker(100, 1024, 8) == 1
+
+
+def _reference_hed(rgb: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """HED jitter written from Ruifrok & Johnston's published stain vectors and Tellez et al.'s rule, in float64,
+    pixel by pixel (no fullslide code)."""
+    m = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    m = m / np.sqrt((m ** 2).sum(axis=1, keepdims=True))
+    inv = np.linalg.inv(m)
+    out = np.empty(rgb.shape)
+    for idx in np.ndindex(rgb.shape[:2]):
+        od = -np.log(np.maximum(rgb[idx].astype(float), 1.0) / 255.0)
+        conc = od @ inv
+        out[idx] = 255.0 * np.exp(-((conc * scale + shift) @ m))
+    return out
+
+
+def test_hed_jitter_follows_the_published_deconvolution_and_is_batched_exactly() -> None:
+    import torch
+
+    from fullslide.data.augment import augment_batch, draw, hed_jitter
+
+    tile = _real_tiles(1)[0]
+    scale, shift = np.array([1.05, 0.97, 1.0]), np.array([0.02, -0.03, 0.0])
+    ours = hed_jitter(tile.astype(np.float32), scale, shift)
+    assert np.abs(ours - _reference_hed(tile, scale, shift)).max() < 0.05
+    # identity when nothing is jittered (up to the 1/255 floor of the logarithm)
+    assert np.abs(hed_jitter(tile.astype(np.float32), np.ones(3), np.zeros(3)) - np.maximum(tile, 1)).max() < 0.01
+    aug = Augment(flip=False, rot90=False, blur_p=0.0, jitter=0.0, hed_sigma=0.2, hed_bias=0.2)
+    tiles, positions = _real_tiles(), np.arange(3, 15)
+    d = draw(aug, seed=1, epoch=0, slide=2, positions=positions)
+    assert (np.abs(d.hed_scale - 1) <= 0.2).all() and (np.abs(d.hed_shift) <= 0.2).all() and d.hed_scale.std() > 0
+    ref = augment_tiles(tiles, aug, seed=1, epoch=0, slide=2, positions=positions)
+    got = augment_batch(torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous(), aug, seed=1, epoch=0, slide=2,
+                        positions=positions).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(got.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05 and np.abs(got.astype(int) - tiles.astype(int)).mean() > 3
+    # keyed by tile position: a rank's share gets the same stains as the whole K list
+    share = augment_tiles(tiles[4:9], aug, seed=1, epoch=0, slide=2, positions=positions[4:9])
+    assert np.array_equal(share, ref[4:9])
+    # off by default, and adding it leaves the other draws (flips, blur, colour jitter) where they were
+    assert not Augment().hed
+    base = draw(Augment(), seed=1, epoch=0, slide=2, positions=positions)
+    more = draw(Augment(hed_sigma=0.05, hed_bias=0.05), seed=1, epoch=0, slide=2, positions=positions)
+    assert all(np.array_equal(getattr(base, f), getattr(more, f)) for f in ("flip_w", "flip_h", "rot", "blur", "jitter"))

@@ -1,4 +1,11 @@
-"""Tile augmentations for training: flips, 90-degree rotations, light blur, colour jitter.
+"""Tile augmentations for training: flips, 90-degree rotations, light blur, colour jitter, HED stain jitter.
+
+HED jitter (Tellez et al. 2018, "Whole-slide mitosis detection in H&E breast histology using PHH3 as a reference
+to train distilled stain-invariant convolutional networks", IEEE TMI; and Tellez et al. 2019, MedIA 58): the tile
+is unmixed into haematoxylin, eosin and DAB concentrations by colour deconvolution (Ruifrok & Johnston 2001,
+Anal. Quant. Cytol. Histol. 23: optical density = -ln(RGB / 255) projected on the inverse of the stain matrix), each
+concentration c becomes ``c * a + b`` with ``a ~ U(1 - hed_sigma, 1 + hed_sigma)`` and ``b ~ U(-hed_bias,
+hed_bias)`` drawn per tile and stain, and the tile is mixed back. Their "HED-light" setting is 0.05 for both.
 
 Each tile draws from its own generator keyed by (seed, epoch, slide, position of the tile in the slide's K
 list), so a tile is augmented the same way whichever rank reads it and whatever the tile-parallel layout:
@@ -26,13 +33,33 @@ class Augment:
     rot90: bool = True
     blur_p: float = 0.2
     jitter: float = 0.05
+    hed_sigma: float = 0.0
+    hed_bias: float = 0.0
+
+    @property
+    def hed(self) -> bool:
+        return self.hed_sigma > 0 or self.hed_bias > 0
 
     @property
     def active(self) -> bool:
-        return self.flip or self.rot90 or self.blur_p > 0 or self.jitter > 0
+        return self.flip or self.rot90 or self.blur_p > 0 or self.jitter > 0 or self.hed
 
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+#: Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB; columns: R, G, B optical density), each
+#: normalised to unit length; concentrations = OD @ inverse of this matrix.
+RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+RGB_FROM_HED = (RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)).astype(np.float32)
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED.astype(np.float64)).astype(np.float32)
+_OD_FLOOR = 1.0  # RGB values are floored at 1 (of 255) before the logarithm: no infinite density
+
+
+def hed_jitter(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """float32 RGB [H, W, 3] (0..255) -> the same with each stain concentration scaled and shifted (per stain)."""
+    od = -np.log(np.maximum(x, _OD_FLOOR) / np.float32(255.0))
+    conc = od @ HED_FROM_RGB
+    conc = conc * scale.astype(np.float32) + shift.astype(np.float32)
+    return np.float32(255.0) * np.exp(-(conc @ RGB_FROM_HED))
 
 
 def _blur(tile: np.ndarray, sigma: float) -> np.ndarray:
@@ -59,7 +86,10 @@ def augment_tile(tile: np.ndarray, aug: Augment, rng: np.random.Generator) -> np
     sigma = float(rng.uniform(0.3, 1.0))
     if aug.jitter > 0:
         b, c, s = rng.uniform(1 - aug.jitter, 1 + aug.jitter, size=3).astype(np.float32)
-    if not blur and aug.jitter <= 0:
+    if aug.hed:
+        hed_scale = rng.uniform(1 - aug.hed_sigma, 1 + aug.hed_sigma, size=3)
+        hed_shift = rng.uniform(-aug.hed_bias, aug.hed_bias, size=3)
+    if not blur and aug.jitter <= 0 and not aug.hed:
         return np.ascontiguousarray(out)
     x = out.astype(np.float32)
     if blur:
@@ -69,6 +99,8 @@ def augment_tile(tile: np.ndarray, aug: Augment, rng: np.random.Generator) -> np
         x = (x - x.mean()) * c + x.mean()  # contrast
         gray = (x @ _LUMA)[..., None]
         x = gray + (x - gray) * s  # saturation
+    if aug.hed:
+        x = hed_jitter(np.clip(x, 0, 255), hed_scale, hed_shift)
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -94,6 +126,8 @@ class TileDraws:
     blur: np.ndarray  # bool
     sigma: np.ndarray  # float
     jitter: np.ndarray  # [k, 3] brightness, contrast, saturation factors (ones when off)
+    hed_scale: np.ndarray  # [k, 3] per-stain concentration factors (ones when off)
+    hed_shift: np.ndarray  # [k, 3] per-stain concentration offsets (zeros when off)
 
 
 def draw(aug: Augment, *, seed: int, epoch: int, slide: int, positions: np.ndarray) -> TileDraws:
@@ -101,6 +135,7 @@ def draw(aug: Augment, *, seed: int, epoch: int, slide: int, positions: np.ndarr
     k = len(positions)
     fw, fh, blur = np.zeros(k, bool), np.zeros(k, bool), np.zeros(k, bool)
     rot, sigma, jit = np.zeros(k, np.int64), np.zeros(k, np.float64), np.ones((k, 3), np.float32)
+    hed_scale, hed_shift = np.ones((k, 3), np.float64), np.zeros((k, 3), np.float64)
     for i, pos in enumerate(np.asarray(positions).tolist()):
         rng = np.random.default_rng([seed, epoch, slide, pos, 3])
         fw[i] = aug.flip and rng.random() < 0.5
@@ -110,7 +145,10 @@ def draw(aug: Augment, *, seed: int, epoch: int, slide: int, positions: np.ndarr
         sigma[i] = float(rng.uniform(0.3, 1.0))
         if aug.jitter > 0:
             jit[i] = rng.uniform(1 - aug.jitter, 1 + aug.jitter, size=3).astype(np.float32)
-    return TileDraws(fw, fh, rot, blur, sigma, jit)
+        if aug.hed:
+            hed_scale[i] = rng.uniform(1 - aug.hed_sigma, 1 + aug.hed_sigma, size=3)
+            hed_shift[i] = rng.uniform(-aug.hed_bias, aug.hed_bias, size=3)
+    return TileDraws(fw, fh, rot, blur, sigma, jit, hed_scale, hed_shift)
 
 
 def _gauss_weights(sigma: np.ndarray, blur: np.ndarray) -> tuple[np.ndarray, int]:
@@ -145,7 +183,7 @@ def augment_batch(tiles: torch.Tensor, aug: Augment, *, seed: int, epoch: int, s
         if (d.rot == r).any():
             sel = torch.from_numpy(np.flatnonzero(d.rot == r)).to(dev)
             out = out.index_copy(0, sel, torch.rot90(out.index_select(0, sel), r, dims=(2, 3)))
-    if not d.blur.any() and aug.jitter <= 0:
+    if not d.blur.any() and aug.jitter <= 0 and not aug.hed:
         return out.contiguous()
     x = out.float()  # [k, 3, H, W]
     if d.blur.any():
@@ -163,4 +201,11 @@ def augment_batch(tiles: torch.Tensor, aug: Augment, *, seed: int, epoch: int, s
         luma = torch.tensor(_LUMA, device=dev)[None, :, None, None]
         gray = (x * luma).sum(1, keepdim=True)
         x = gray + (x - gray) * s
+    if aug.hed:  # colour deconvolution per pixel: [k, 3, H, W] x [3, 3] on the channel axis, as hed_jitter
+        to_hed, to_rgb = (torch.from_numpy(m).to(dev) for m in (HED_FROM_RGB, RGB_FROM_HED))
+        scale, shift = (torch.from_numpy(v.astype(np.float32)).to(dev)[:, :, None, None] for v in (d.hed_scale,
+                                                                                                  d.hed_shift))
+        od = -torch.log(x.clamp(0, 255).clamp_min(_OD_FLOOR) / 255.0)
+        conc = torch.einsum("kchw,cs->kshw", od, to_hed) * scale + shift
+        x = 255.0 * torch.exp(-torch.einsum("kshw,sc->kchw", conc, to_rgb))
     return (x + 0.5).clamp_(0, 255).to(torch.uint8)

@@ -89,6 +89,10 @@ class AugmentConfig:
     rot90: bool = _f(True, "random 90-degree rotations")
     blur_p: float = _f(0.2, "probability of a light Gaussian blur")
     jitter: float = _f(0.05, "strength of brightness/contrast/saturation jitter (0 disables)")
+    hed_sigma: float = _f(0.0, "HED stain jitter: each stain's concentration scaled by U(1 - s, 1 + s) per tile "
+                          "(Tellez et al. 2018; 0.05 = their HED-light; 0 disables)")
+    hed_bias: float = _f(0.0, "HED stain jitter: each stain's concentration shifted by U(-b, b) per tile (0.05 = "
+                         "HED-light; 0 disables)")
 
 
 @dataclass(kw_only=True)
@@ -179,6 +183,10 @@ class Config:
             (0 <= self.encoder.lr <= 1, "encoder.lr", "must be in [0, 1] (AdamW learning rate)"),
             (0 < self.aggregator.lr <= 1, "aggregator.lr", "must be in (0, 1] (AdamW learning rate)"),
             (0 <= self.train.weight_decay <= 10, "train.weight_decay", "must be in [0, 10]"),
+            (0 <= self.augment.blur_p <= 1, "augment.blur_p", "must be in [0, 1]"),
+            (0 <= self.augment.jitter < 1, "augment.jitter", "must be in [0, 1)"),
+            (0 <= self.augment.hed_sigma < 1, "augment.hed_sigma", "must be in [0, 1)"),
+            (0 <= self.augment.hed_bias <= 1, "augment.hed_bias", "must be in [0, 1]"),
             (self.train.grad_clip is None or self.train.grad_clip > 0, "train.grad_clip", "must be > 0 or null"),
             (self.eval.bootstrap >= 0, "eval.bootstrap", "must be >= 0 (0: no confidence intervals)"),
             (self.train.context_refresh_epochs >= 0, "train.context_refresh_epochs", "must be >= 0"),

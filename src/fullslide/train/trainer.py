@@ -253,7 +253,8 @@ class Trainer:
         if self.context is not None and self.context.refresh_due(epoch, start):
             self.context.fill()  # re-extract with the current encoder
         acc = self.state["accum"] or {"loss_sum": 0.0, "steps": 0, "slides": 0, "tiles": 0, "skipped": 0, "seconds": 0.0}
-        aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter)
+        aug = Augment(flip=cfg.augment.flip, rot90=cfg.augment.rot90, blur_p=cfg.augment.blur_p, jitter=cfg.augment.jitter,
+                      hed_sigma=cfg.augment.hed_sigma, hed_bias=cfg.augment.hed_bias)
         # loader workers only read and decode; augmentation runs batched on the encoder's device (augment_batch)
         dataset = StepDataset(plans[start:], self.train_src, dims=ctx.dims, rank=ctx.rank, chunk_tiles=self.chunk_tiles,
                               use_features=cfg.encoder.freeze, backend=cfg.data.backend,
