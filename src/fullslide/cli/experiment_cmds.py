@@ -69,6 +69,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
             q.add_argument("--archs", default="cnn",
                            help="encoders: cnn (tinycnn: frozen, e2e, e2e-cache), vit (a small ViT: frozen, e2e, "
                                 "e2e-lastN, e2e-lora) or cnn,vit (cnn)")
+            q.add_argument("--lesion-fraction", type=float, default=None,
+                           help="focal: share of a positive slide's tissue in lesions (0.02; 0.01: sparser, harder)")
             q.add_argument("--tune-lr", default=None, metavar="LR,LR,...",
                            help="choose each arm's learning rate among these on validation loss first (seed 100, "
                                 "the first signal); default: the rates chosen for EXPERIMENTS.md")
@@ -121,6 +123,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--tune-lr {args.tune_lr!r}: give positive learning rates")
         base = e2e_vs_frozen.Settings.quick() if args.quick else e2e_vs_frozen.Settings()
         settings = dataclasses.replace(base, situations=tuple(situations), archs=tuple(archs))
+        if args.lesion_fraction is not None:
+            if not 0 < args.lesion_fraction <= 0.5:
+                raise ConfigError(f"--lesion-fraction must be in (0, 0.5], got {args.lesion_fraction}")
+            settings = dataclasses.replace(settings, lesion_fraction=args.lesion_fraction)
         report = e2e_vs_frozen.run(args.out, signals=signals, seeds=args.seeds, seed_offset=args.seed_offset,
                                    quick=args.quick, settings=settings, tune_grid=grid)
     print(report)
