@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from fullslide.cli.engine_cmds import _yaml_mapping
 from fullslide.errors import ConfigError
 
 
@@ -13,18 +14,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
 
 
@@ -37,9 +26,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("coords_dir", type=Path, help="folder made by `fullslide tile` (patches/*.h5)")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
     p.add_argument("--encoder", default="tinycnn", help="encoder name (tinycnn, a timm name, ...)")
-    p.add_argument("--encoder-kwargs", type=_json_object, default={},
-                   help='encoder factory arguments as JSON, e.g. \'{"img_size": 32, "patch_size": 8}\' for a small '
-                        'ViT (give the same ones to encoder.kwargs when training)')
+    p.add_argument("--encoder-kwargs", type=_yaml_mapping, default={},
+                   help="encoder factory arguments, e.g. '{img_size: 32, patch_size: 8}' for a small ViT (give the "
+                        "same ones to encoder.kwargs when training)")
     p.add_argument("--epochs", type=_positive_int, default=8, help="epochs (8)")
     p.add_argument("--tiles-per-slide", type=_positive_int, default=256, help="tiles sampled once per slide (256)")
     p.add_argument("--batch", type=_positive_int, default=256, help="tiles per batch; 2x views (256)")
