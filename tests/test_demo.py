@@ -39,3 +39,5 @@ def test_verdict_compares_auc_then_loss() -> None:
     assert verdict(m(0.9, 0.5), m(0.8, 0.1)).startswith("End-to-end beats")
     assert verdict(m(1.0, 0.01), m(1.0, 0.02)).startswith("End-to-end beats")
     assert verdict(m(1.0, 0.03), m(1.0, 0.02)).startswith("End-to-end does NOT beat")
+    assert "Neither model learned" in verdict(m(0.39, 0.714), m(0.375, 0.727))  # the demo's seed 0, issue 19
+    assert "Neither model learned" not in verdict(m(0.9, 0.5), m(0.8, 0.72))

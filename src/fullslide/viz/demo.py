@@ -29,6 +29,7 @@ from fullslide.errors import ConfigError
 
 log = logging.getLogger("fullslide.demo")
 
+CHANCE_LOSS = 0.69  # ln 2 = 0.693: the cross-entropy of predicting 50% for every slide of a balanced binary task
 DEFAULTS: dict[str, Any] = {"slides": 60, "epochs": 16, "size": (2048, 2048), "lesion_fraction": 0.01,
                             "stain_variation": 0.35, "lesion_contrast": 0.6}
 
@@ -98,7 +99,11 @@ def verdict(e2e: dict[str, Any], frozen: dict[str, Any]) -> str:
     loss_e, loss_f = value(e2e, "loss"), value(frozen, "loss")
     wins = auc_e > auc_f or (auc_e == auc_f and loss_e < loss_f)
     who = "End-to-end beats the frozen baseline" if wins else "End-to-end does NOT beat the frozen baseline"
-    return f"{who} on the test slides: AUC {auc_e:.3f} vs {auc_f:.3f}, test loss {loss_e:.3g} vs {loss_f:.3g}."
+    line = f"{who} on the test slides: AUC {auc_e:.3f} vs {auc_f:.3f}, test loss {loss_e:.3g} vs {loss_f:.3g}."
+    if min(loss_e, loss_f) >= CHANCE_LOSS:
+        line += (f" Neither model learned (both test losses >= {CHANCE_LOSS:.2f}, the loss of a constant 50% "
+                 "guess): the AUC difference is ranking noise.")
+    return line
 
 
 def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None = None, size: str | None = None,
