@@ -48,7 +48,8 @@ def test_the_example_trains_evaluates_draws_heatmaps_and_predicts(tmp_path: Path
     assert 0 <= metrics["auc"]["ci_low"] <= metrics["auc"]["value"] <= metrics["auc"]["ci_high"] <= 1
     preds = run.predictions("test")
     assert preds and {p["slide_id"] for p in preds} <= {f"synth_{i:04d}" for i in range(12)}
-    assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == len(preds)
+    assert len(list((tmp_path / "run" / "heatmaps").glob("*_attention.png"))) == len(preds)
+    assert [p.name for p in run.heatmaps("test")] == sorted(f"{p['slide_id']}_attention.png" for p in preds)
     assert [r["slide_id"] for r in run.predict([tmp_path / "cohort" / "slides" / "synth_0000.tiff"],
                                                out=tmp_path / "p2")] == ["synth_0000"]
     model = run.model()

@@ -108,13 +108,13 @@ class Run:
 
     def heatmaps(self, split: str = "test", *, slide_ids: Sequence[str] | None = None, checkpoint: str = "best",
                  out: str | Path | None = None) -> list[Path]:
-        """Attention heatmaps (PNG over the thumbnail + QuPath GeoJSON) of ``split``'s slides or ``slide_ids``;
-        returns the PNG paths."""
+        """Attention heatmaps (PNG over the thumbnail + QuPath GeoJSON, a top/bottom tile gallery beside each) of
+        ``split``'s slides or ``slide_ids``; returns the heatmap PNGs (one per slide and score, galleries left out)."""
         from fullslide.train.evaluate import heatmaps_for_run
 
         folder, _ = heatmaps_for_run(self.path, split=split, slide_ids=slide_ids, checkpoint=checkpoint,
                                      out=Path(out) if out is not None else None)
-        return sorted(Path(folder).glob("*.png"))
+        return sorted(p for p in Path(folder).glob("*.png") if not p.stem.endswith("_gallery"))
 
     def model(self, checkpoint: str = "best") -> Any:
         """The trained :class:`~fullslide.models.slide_model.SlideModel` (encoder + aggregator), in eval mode."""
