@@ -160,8 +160,10 @@ def run_demo(out: str | Path, *, slides: int | None = None, epochs: int | None =
             log.info("%s %s", label, line)
             metrics[label] = json.loads((folder / "metrics.json").read_text())["metrics"]
             localisation += lesion_localisation(label, out / name, cohort)
-            hm_dir, _ = heatmaps_for_run(out / name, split="test", annotations=out / "cohort" / "lesions")
             positives = [r["slide_id"] for r in localisation if r["model"] == label][:2]
+            # the report shows two positive slides a model: draw those (every slide: `fullslide heatmap RUN`)
+            hm_dir, _ = heatmaps_for_run(out / name, split="test", slide_ids=positives or None,
+                                         annotations=out / "cohort" / "lesions")
             heatmaps += [(f"{label}: {s}", hm_dir / f"{s}_attention.png") for s in positives]
     curves = plot_curves({"end-to-end": out / "e2e", "frozen encoder": out / "frozen"}, out / "curves.png")
     intro = (f"Synthetic `focal` cohort: {n_slides} slides of {wh[0]}x{wh[1]} px at 0.5 mpp; positive slides hold "
