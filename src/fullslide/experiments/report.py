@@ -224,8 +224,11 @@ def e2e_report(out: Path, rows: list[dict[str, Any]], probes: list[dict[str, Any
                 ax.set_ylabel("test AUC")
             if i == len(situations) - 1:
                 ax.set_xlabel("arm")
-    fig.suptitle(f"Test AUC per seed ({', '.join(map(str, seeds))}; left to right) with bootstrap 95% CIs; "
-                 "bar: mean over seeds; dotted: chance", fontsize=9)
+    import textwrap
+
+    title = (f"Test AUC per seed ({', '.join(map(str, seeds))}; left to right) with bootstrap 95% CIs; "
+             "bar: mean over seeds; dotted: chance")
+    fig.suptitle("\n".join(textwrap.wrap(title, int(14 * fig.get_figwidth()))), fontsize=9)
     figure = _save(fig, out / "e2e_vs_frozen.png")
     probe_figure = _probe_figure(out, probes) if probes else None
     k = settings.tiles_per_slide
