@@ -129,3 +129,59 @@ def test_clam_coords_at_another_mpp_name_the_users_file(tmp_path: Path, cohort: 
     assert main(["train", str(path), "--no-progress"]) == 2
     line = _one_line(capsys)
     assert str(clam) in line and "/run/tiles/" not in line and "data.target_mpp" in line
+
+
+def test_sigterm_outside_training_stops_the_command_with_143_and_gives_the_handler_back() -> None:
+    """An experiment or cv killed between runs or while it evaluates (not inside `train`'s deferred handler) exits
+    143, resumable, instead of dying with the default action (which leaves no exit code to act on)."""
+    import os
+    import signal
+    import time
+
+    from fullslide.train.faults import StopRequested, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(StopRequested) as stopped:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert stopped.value.signum == signal.SIGTERM and 128 + stopped.value.signum == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_signal_while_loader_workers_start_neither_kills_them_nor_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slurm signals the whole process group; at the start of an epoch the loader's workers may not yet ignore
+    it (torch installs a SIGTERM handler that kills a worker before ``worker_init_fn`` runs). The workers start with
+    the stop signals blocked: the read goes on, and the main process still receives the signal."""
+    import os
+    import signal
+    import time
+
+    import fullslide.data.loader as loader_mod
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> int:
+            return i
+
+    real = loader_mod.ignore_stop_signals
+
+    def slow_start(worker_id: int) -> None:
+        time.sleep(1.5)  # the signal arrives while the worker is still starting
+        real(worker_id)
+
+    monkeypatch.setattr(loader_mod, "ignore_stop_signals", slow_start)
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        it = iter(loader_mod.make_loader(Items(), workers=2))
+        time.sleep(0.3)
+        for worker in it._workers:  # as `kill -TERM -PGID` reaches every process of the group
+            os.kill(worker.pid, signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert list(it) == list(range(8))
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

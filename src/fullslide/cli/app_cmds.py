@@ -122,8 +122,11 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-    report = run_cv(args.config, args.out, folds=args.folds, seeds=args.seeds, seed_offset=args.seed_offset,
-                    overrides=tuple(args.overrides), progress=not args.no_progress and sys.stderr.isatty())
+    from fullslide.train.faults import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM between folds or during an evaluation: exit 143, resumable
+        report = run_cv(args.config, args.out, folds=args.folds, seeds=args.seeds, seed_offset=args.seed_offset,
+                        overrides=tuple(args.overrides), progress=not args.no_progress and sys.stderr.isatty())
     print(report)
     return 0
 

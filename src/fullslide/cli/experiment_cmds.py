@@ -88,6 +88,13 @@ def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    from fullslide.train.faults import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM between runs or during an evaluation: exit 143, resumable
+        return _run_experiment(args)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
     if args.experiment == "k-sweep":
         from fullslide.experiments import k_sweep
 

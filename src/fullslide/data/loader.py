@@ -276,11 +276,33 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the parent started this worker with the stop signals blocked (see _StopSafeLoader): one that arrived since
+    # is pending, and setting SIG_IGN above discarded it; only now may they be delivered (and ignored)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+class _StopSafeLoader(DataLoader):
+    """A DataLoader whose workers start with SIGINT/SIGTERM blocked: between a worker's start and its
+    ``worker_init_fn`` torch installs a SIGTERM handler that kills the worker, so a signal to the process group at
+    that moment (Slurm's, at the start of an epoch) would take the step with it. Blocked, the signal waits in the
+    worker until :func:`ignore_stop_signals` ignores it, and in the main process until its handler acts on it."""
+
+    def __iter__(self):  # type: ignore[override]
+        import signal
+        import threading
+
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            return super().__iter__()  # starts (forks) the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader(dataset: Dataset, *, workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:
     """A DataLoader that yields the dataset's items one by one, in order, read ahead by ``workers``."""
-    return DataLoader(
+    return _StopSafeLoader(
         dataset,
         batch_size=None,
         shuffle=False,

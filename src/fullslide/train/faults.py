@@ -67,6 +67,26 @@ def deferred_interrupt(flag: StopFlag):
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Outside a training loop (an experiment's or cv's evaluation, reports): SIGTERM raises
+    :class:`StopRequested` at once, so the command exits 143 like a stopped training run instead of dying with the
+    default action; what it writes is atomic, so nothing is left half-written, and a rerun redoes the unfinished
+    part. Inside ``train``, :func:`deferred_interrupt` takes over (and gives this handler back when it returns)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise StopRequested(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def peers_of(ctx: ParallelContext) -> list[tuple[str, int]]:
     """(host, pid) of every rank (one all_gather_object at start-up; just this process without torchrun)."""
     me = (socket.gethostname(), os.getpid())
