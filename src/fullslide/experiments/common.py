@@ -224,8 +224,7 @@ def train_and_test(config: Any) -> dict[str, Any]:
         return _finite(m.get("value")), [_finite(m.get("ci_low")), _finite(m.get("ci_high"))]
 
     (auc, auc_ci), (loss, loss_ci) = metric("auc"), metric("loss")
-    val_losses = [v for v in column("val_loss")]
-    finite = [(v, e) for e, v in enumerate(val_losses, start=1) if v is not None]
+    finite = [(v, e) for e, v in enumerate(column("val_loss"), start=1) if v is not None]
     return {
         "best_epoch": min(finite)[1] if finite else None,
         "train_loss_by_epoch": column("train_loss"), "val_loss_by_epoch": column("val_loss"),

@@ -18,6 +18,7 @@ folds share training patients, so it is the usual summary, not an exact confiden
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -53,8 +54,6 @@ def run_cv(config: Any, out: str | Path, *, folds: int = 5, seeds: int = 1, seed
         raise ConfigError(f"cv: --folds must be >= 2, got {folds}")
     base = load_config(config, overrides)
     out = Path(out)
-    import dataclasses
-
     record = {k: v for k, v in dataclasses.asdict(base).items() if k != "run_dir"}
     check_settings(out, "cv", {"config": record, "folds": folds})
     runs = []
@@ -76,9 +75,9 @@ def run_cv(config: Any, out: str | Path, *, folds: int = 5, seeds: int = 1, seed
             result = cached_run(out / "runs", name, fn)
             runs.append({"fold": fold, "seed": seed, **result})
             log.info("cv %s: test %s", name, _line(result["metrics"]["test"]))
-    write_tables(out, runs, folds)
     if base.data.task == "classification":
-        write_cv_curves(out, runs)
+        write_cv_curves(out, runs)  # first: the tables link the curves when they exist
+    write_tables(out, runs, folds)
     return out / "results.md"
 
 
@@ -179,12 +178,5 @@ def write_cv_curves(out: Path, runs: list[dict[str, Any]]) -> list[Path]:
         pooled.setdefault(r["seed"], []).extend(rows)
     pooled_groups = {("pooled" if len(pooled) == 1 else f"pooled seed {s}"): curve_inputs(rows, classes)
                      for s, rows in pooled.items()}
-    paths = write_curves({**pooled_groups, **groups}, out / "curves", "cross-validation, test folds",
-                         emphasise=next(iter(pooled_groups)) if len(pooled_groups) == 1 else None)
-    if paths:
-        md = out / "results.md"
-        text = md.read_text()
-        if "## Curves" not in text:
-            atomic_write_text(md, text + "\n## Curves (test predictions of every fold pooled, and per fold)\n\n"
-                                         "![ROC](curves/roc.png) ![PR](curves/pr.png)\n")
-    return paths
+    return write_curves({**pooled_groups, **groups}, out / "curves", "cross-validation, test folds",
+                        emphasise=next(iter(pooled_groups)) if len(pooled_groups) == 1 else None)

@@ -182,7 +182,7 @@ def run_probes(out: Path, settings: Settings, signal: str, situation: str, arch:
     from fullslide.models import create_encoder
     from fullslide.train.evaluate import load_run
 
-    tuned = [r for r in runs if r["model"] not in ("frozen",)]
+    tuned = [r for r in runs if r["model"] != "frozen"]
     if not tuned:
         return []
     first_run = out / "runs" / tuned[0]["run"] / "run"
