@@ -4,7 +4,9 @@ Reads 224 px tiles at 0.5 mpp from a synthetic pyramidal TIFF (generated once, c
 vendored real SVS, with 1 and 2 worker processes, each method on the same coordinates in the same
 run. Raw OpenSlide returns a PIL RGBA image and stops there; "openslide+np.asarray" adds the usual
 ``np.asarray(image.convert("RGB"))``; fullslide returns uint8 RGB arrays (alpha checked, white
-outside the slide) through its OpenSlide and its tiffslide backends.
+outside the slide) through its OpenSlide, tiffslide and (when installed) fastslide backends; "raw-fastslide"
+is fastslide's own ``read_region(...).numpy()``. Before timing, each fullslide backend's tiles are compared
+with OpenSlide's on the same coordinates (max and mean absolute difference in grey levels).
 
     python benchmarks/bench_read.py                      # defaults: 16384 px synthetic slide, 3 repeats
     python benchmarks/bench_read.py --synth-size 8192 --tiles 1000 --repeats 5 --json out.json
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -30,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 REAL_SVS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cmu_small_region.svs"
-METHODS = ("raw-openslide", "openslide+np.asarray", "fullslide-openslide", "fullslide-tiffslide")
+METHODS: tuple[str, ...] = ("raw-openslide", "openslide+np.asarray", "fullslide-openslide", "fullslide-tiffslide")
+if importlib.util.find_spec("fastslide") is not None:
+    METHODS += ("raw-fastslide", "fullslide-fastslide")
 
 
 def _wait_until(start_at: float) -> None:
@@ -51,6 +56,18 @@ def _read(method: str, path: str, coords: np.ndarray, level: int, read_px: int, 
             image = slide.read_region((x, y), level, (read_px, read_px))
             if to_array:  # what pipelines usually do to get an RGB array (CLAM, TRIDENT style)
                 np.asarray(image.convert("RGB"))
+        elapsed = time.perf_counter() - start
+        slide.close()
+        return elapsed
+    if method == "raw-fastslide":
+        import fastslide
+
+        slide = fastslide.FastSlide.from_file_path(path)
+        _wait_until(start_at)
+        start = time.perf_counter()
+        for x, y in coords.tolist():
+            nx, ny = slide.convert_level0_to_level_native(x, y, level)
+            slide.read_region((nx, ny), level, (read_px, read_px)).numpy()
         elapsed = time.perf_counter() - start
         slide.close()
         return elapsed
@@ -75,7 +92,28 @@ def _warm() -> int:
     """Import the libraries in a worker before anything is timed."""
     for module in ("openslide", "fullslide.slides.openslide_backend", "fullslide.slides.tiffslide_backend"):
         importlib.import_module(module)
+    if "raw-fastslide" in METHODS:
+        importlib.import_module("fastslide")
     return os.getpid()
+
+
+def pixel_differences(name: str, path: Path, coords: np.ndarray, level: int, read_px: int) -> list[dict]:
+    """Each fullslide backend's regions against OpenSlide's on the first 200 coordinates."""
+    from fullslide.slides import open_slide
+
+    coords = coords[:200]
+    with open_slide(path, backend="openslide") as ref:
+        want = np.stack([ref.read_region(tuple(xy), level, (read_px, read_px)) for xy in coords.tolist()]).astype(np.int16)
+    rows = []
+    for method in METHODS:
+        if not method.startswith("fullslide-") or method == "fullslide-openslide":
+            continue
+        with open_slide(path, backend=method.split("-", 1)[1]) as slide:
+            got = np.stack([slide.read_region(tuple(xy), level, (read_px, read_px)) for xy in coords.tolist()])
+        diff = np.abs(got.astype(np.int16) - want)
+        rows.append({"slide": name, "method": method, "tiles": len(coords), "max_abs_diff": int(diff.max()),
+                     "mean_abs_diff": float(diff.mean()), "identical_tiles": int((diff.reshape(len(coords), -1).max(1) == 0).sum())})
+    return rows
 
 
 def measure(pool: ProcessPoolExecutor, workers: int, method: str, path: Path, coords: np.ndarray,
@@ -90,8 +128,8 @@ def measure(pool: ProcessPoolExecutor, workers: int, method: str, path: Path, co
 
 def bench_slide(name: str, path: Path, coords: np.ndarray, level: int, read_px: int, tile_px: int,
                 repeats: int) -> list[dict]:
-    """All methods x {1, 2} workers on one slide."""
-    rows = []
+    """Pixel differences, then all methods x {1, 2} workers on one slide."""
+    rows = pixel_differences(name, path, coords, level, read_px)
     for workers in (1, 2):
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -169,8 +207,11 @@ def bench_real(args: argparse.Namespace, rng: np.random.Generator) -> list[dict]
 def report(rows: list[dict], json_path: Path | None) -> None:
     """Print the table (and write JSON)."""
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    for r in (r for r in rows if "max_abs_diff" in r):
+        print(f"{r['slide']:<20} {r['method']:<20} vs OpenSlide on {r['tiles']} tiles: max |diff| {r['max_abs_diff']}, "
+              f"mean {r['mean_abs_diff']:.3f}, identical tiles {r['identical_tiles']}")
     print(f"{'slide':<20} {'workers':>7} {'method':<20} {'tiles/s':>9} {'per worker':>10} {'vs raw':>7}")
-    for r in rows:
+    for r in (r for r in rows if "tiles_per_s" in r):
         print(f"{r['slide']:<20} {r['workers']:>7} {r['method']:<20} {r['tiles_per_s']:>9.0f} "
               f"{r['tiles_per_s_per_worker']:>10.0f} {r['ratio_vs_raw']:>7.2f}")
     if json_path:

@@ -190,3 +190,28 @@ def test_lesion_contrast_moves_lesions_towards_normal_tissue() -> None:
     assert Appearance().subtle(1.0) == dataclasses.replace(Appearance(), lesion_contrast=1.0)
     with pytest.raises(ConfigError, match="lesion contrast"):
         make_cohort("unused", 2, lesion_contrast=0.0)
+
+
+def test_sites_stain_differently_and_are_named_in_the_labels(tmp_path: Path) -> None:
+    """``sites``: patients from sites A, B, C in turn; site A keeps the reference stains, the others' fitted
+    Macenko stain vectors differ (the same site's slides agree)."""
+    import csv
+
+    from fullslide.data.stain import fit_macenko
+    from fullslide.slides import open_slide
+    from fullslide.slides.synth import make_cohort
+
+    labels = make_cohort(tmp_path, 6, signal="focal", size=(768, 768), sites=3, site_shift=0.35, seed=0)
+    rows = list(csv.DictReader(open(labels)))
+    assert [r["site"] for r in rows] == ["A", "A", "B", "C", "A", "A"]  # patient 0 has two slides
+    he = {}
+    for r in rows:
+        with open_slide(tmp_path / r["path"]) as slide:
+            he.setdefault(r["site"], []).append(np.array(fit_macenko(
+                slide.read_region((128, 128), 0, (512, 512)).reshape(-1, 3).astype(float))["he"]))
+    same = max(np.abs(a - he["A"][0]).max() for a in he["A"])
+    assert same < 0.08, same
+    for site in ("B", "C"):
+        assert np.abs(he[site][0] - he["A"][0]).max() > 3 * same, site
+    plain = make_cohort(tmp_path / "plain", 2, signal="focal", size=(512, 512), seed=0)
+    assert "site" not in next(csv.DictReader(open(plain)))

@@ -1,4 +1,5 @@
-"""Subcommands that reproduce the paper's findings: ``pretrain`` and ``experiment {k-sweep,e2e-vs-frozen}``."""
+"""Subcommands that reproduce the paper's findings: ``pretrain`` and ``experiment {k-sweep,e2e-vs-frozen}``, and
+the stain-shift check (``experiment stain-shift``)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("experiment", help="reproduce the paper's findings: k-sweep, e2e-vs-frozen (EXPERIMENTS.md)")
+    p = sub.add_parser("experiment", help="reproduce the paper's findings: k-sweep, e2e-vs-frozen; stain-shift "
+                                          "(EXPERIMENTS.md)")
     which = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, help_text in (("k-sweep", "more tiles per slide (K) -> lower training loss, higher AUC?"),
-                            ("e2e-vs-frozen", "end-to-end fine-tuning vs the same pretrained encoder frozen")):
+                            ("e2e-vs-frozen", "end-to-end fine-tuning vs the same pretrained encoder frozen"),
+                            ("stain-shift", "train on sites A-B, test on site C: no stain handling, HED jitter, "
+                                            "Macenko, Reinhard")):
         q = which.add_parser(name, help=help_text)
         q.add_argument("--out", type=Path, required=True, help="experiment folder (rerun the command to resume)")
         if name == "k-sweep":
@@ -50,6 +54,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
             q.add_argument("--context", default="none",
                            help="arms: none, cache (train.context: cache: the aggregator reads every tile), or "
                                 "none,cache (none)")
+        elif name == "stain-shift":
+            q.add_argument("--arms", default=",".join(("none", "hed", "macenko", "reinhard")),
+                           help="arms among none, hed, macenko, reinhard (all four)")
+            q.add_argument("--site-shift", type=float, default=None,
+                           help="how far sites B and C stain from site A (0.35; see `fullslide synth --site-shift`)")
         else:
             q.add_argument("--signals", default="focal,diffuse", help="cohort signals (focal,diffuse)")
             q.add_argument("--situations", default="out-of-domain,in-domain",
@@ -100,6 +109,14 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
         report = k_sweep.run(args.out, ks=k_sweep.parse_ks(args.ks), seeds=args.seeds, seed_offset=args.seed_offset,
                              quick=args.quick, contexts=tuple(k_sweep.parse_contexts(args.context)))
+    elif args.experiment == "stain-shift":
+        from fullslide.experiments import stain_shift
+
+        settings = stain_shift.Settings.quick() if args.quick else stain_shift.Settings()
+        if args.site_shift is not None:
+            settings = dataclasses.replace(settings, site_shift=args.site_shift)
+        report = stain_shift.run(args.out, seeds=args.seeds, seed_offset=args.seed_offset, quick=args.quick,
+                                 arms=tuple(_choices("--arms", args.arms, stain_shift.ARMS)), settings=settings)
     else:
         from fullslide.experiments import e2e_vs_frozen
 

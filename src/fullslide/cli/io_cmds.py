@@ -111,6 +111,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--lesion-contrast", type=float, default=1.0,
                    help="how far lesions differ from normal tissue, 0-1 (1); lower is a subtler signal")
     p.add_argument("--diffuse-strength", type=float, default=1.0, help="strength of the diffuse signal (1)")
+    p.add_argument("--sites", type=_positive_int, default=1,
+                   help="patients come from this many sites in turn (A, B, C...; a 'site' column names it) (1)")
+    p.add_argument("--site-shift", type=float, default=0.0,
+                   help="how far each site's stains differ from site A's: radians the H/E vectors turn, and the "
+                        "relative change of their strengths (0; 0.3 is a strong lab-to-lab difference)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0); same seed, same cohort")
     p.add_argument("--workers", type=_positive_int, default=1, help="processes (over slides, or over strips of one slide)")
     p.set_defaults(func=cmd_synth)
@@ -142,6 +147,9 @@ def describe(slide: Slide) -> str:
         mpp, size = "unknown (pass --mpp)", f"{width} x {height} px"
     lines = [str(slide.path), f"  vendor: {slide.vendor}  backend: {slide.backend}  mpp: {mpp}",
              f"  size: {size}  levels: {slide.level_count}"]
+    if slide.vendor == "dicom":
+        container = str(slide.properties.get("dicom.ContainerIdentifier") or "none")
+        lines.append(f"  slide id: {slide.slide_id}  DICOM container id: {container}")
     for level, ((w, h), ds) in enumerate(zip(slide.level_dimensions, slide.level_downsamples)):
         level_mpp = f"  mpp {slide.mpp * ds:.4g}" if slide.mpp is not None else ""
         lines.append(f"    level {level}: {w} x {h}  downsample {ds:.4g}{level_mpp}")
@@ -208,7 +216,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     csv_path = make_cohort(
         args.out, args.slides, signal=args.signal, size=args.size, mpp=args.mpp, lesion_fraction=args.lesion_fraction,
         positive_fraction=args.positive_fraction, seed=args.seed, tissue_fraction=args.tissue_fraction,
-        stain_variation=args.stain_variation, lesion_contrast=args.lesion_contrast,
+        stain_variation=args.stain_variation, lesion_contrast=args.lesion_contrast, sites=args.sites,
+        site_shift=args.site_shift,
         diffuse_strength=args.diffuse_strength, workers=args.workers,
     )
     print(csv_path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ class SlideSource:
     coords_h5: str | None = None
     features_h5: str | None = None
     mpp: float | None = None
+    stain: Mapping[str, Any] | None = None  # this slide's fitted stain statistics (data.stain_normalize)
 
 
 def _one_line(exc: BaseException, source: SlideSource) -> str:

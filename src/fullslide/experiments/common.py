@@ -119,8 +119,10 @@ def _stage(folder: Path, settings: dict[str, Any], build: Callable[[], None]) ->
     atomic_write_text(marker, json.dumps(settings, indent=1))
 
 
-def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2) -> tuple[Path, Path]:
-    """Synthesize and tile ``spec`` under ``root/name`` (cached); returns (labels CSV, tiles folder)."""
+def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2, sites: int = 1,
+                   site_shift: float = 0.0) -> tuple[Path, Path]:
+    """Synthesize and tile ``spec`` under ``root/name`` (cached); returns (labels CSV, tiles folder). ``sites`` and
+    ``site_shift``: patients from several sites with their own stains (``make_cohort``)."""
     from fullslide.slides import tile_slides
     from fullslide.slides.synth import make_cohort
 
@@ -131,14 +133,16 @@ def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2)
         csv = make_cohort(folder / "cohort", spec.slides, signal=spec.signal, size=(spec.size, spec.size), mpp=0.5,
                           lesion_fraction=spec.lesion_fraction, lesion_contrast=spec.lesion_contrast,
                           diffuse_strength=spec.diffuse_strength, stain_variation=spec.stain_variation,
-                          positive_fraction=spec.positive_fraction, seed=spec.seed, workers=workers)
+                          positive_fraction=spec.positive_fraction, seed=spec.seed, sites=sites,
+                          site_shift=site_shift, workers=workers)
         results = tile_slides([csv], folder / "tiles", target_mpp=TARGET_MPP, tile_px=TILE_PX, workers=workers)
         bad = [r for r in results if r.failed]
         if bad:
             log.warning("%s: %d slide(s) failed tiling: %s", name, len(bad), bad[0].message)
         log.info("cohort %s: %d slides synthesized and tiled in %.0f s", name, spec.slides, time.perf_counter() - t0)
 
-    _stage(folder, {"cohort": dataclasses.asdict(spec), "tile_px": TILE_PX, "target_mpp": TARGET_MPP}, build)
+    sited = {"sites": sites, "site_shift": site_shift} if sites > 1 else {}
+    _stage(folder, {"cohort": dataclasses.asdict(spec), "tile_px": TILE_PX, "target_mpp": TARGET_MPP, **sited}, build)
     return folder / "cohort" / "labels.csv", folder / "tiles"
 
 
@@ -165,18 +169,20 @@ def prepare_encoder(root: Path, pretrain_spec: PretrainSpec, name: str = "encode
 def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed: int, epochs: int,
                tiles_per_slide: int | str, encoder_lr: float, features_dir: Path | None = None, context: str = "none",
                aggregator_lr: float = 1e-3, encoder: str = "tinycnn", encoder_kwargs: dict[str, Any] | None = None,
-               finetune: dict[str, Any] | None = None):
+               finetune: dict[str, Any] | None = None, split_method: str = "fractions",
+               extra: dict[str, dict[str, Any]] | None = None):
     """The training config every experiment run shares: an encoder (``tinycnn`` unless told) + gated attention,
     fixed patient-level splits (``split_seed`` 0 whatever the run's seed), 2 slides per step, validation on all tiles
     every epoch, best checkpoint by validation loss. ``features_dir`` makes it the frozen baseline; ``context: cache``
     gives the aggregator every tile each step (the rest from the feature cache); ``finetune`` adds encoder keys
-    (``trainable_blocks``, ``lora_rank``)."""
+    (``trainable_blocks``, ``lora_rank``); ``split_method: column`` takes the cohort's split column; ``extra`` adds
+    keys to any section."""
     from fullslide.train.config import config_from_dict
 
-    return config_from_dict({
+    raw = {
         "run_dir": str(run_dir),
         "data": {"cohort": str(cohort), "coords_dir": str(tiles), "target_mpp": TARGET_MPP, "tile_px": TILE_PX,
-                 "fractions": [0.5, 0.2, 0.3], "split_seed": 0,
+                 "fractions": [0.5, 0.2, 0.3], "split_seed": 0, "split_method": split_method,
                  **({"features_dir": str(features_dir)} if features_dir else {})},
         "encoder": {"name": encoder, "weights": str(weights), "lr": encoder_lr, "freeze": features_dir is not None,
                     "kwargs": dict(encoder_kwargs or {}), **(finetune or {})},
@@ -185,7 +191,10 @@ def run_config(run_dir: Path, cohort: Path, tiles: Path, *, weights: Path, seed:
                   "warmup_epochs": 0.5, "min_lr_ratio": 0.1, "selection_metric": "loss", "loader_workers": 1,
                   "seed": seed, "device": "cpu", "context": context},
         "eval": {"chunk_tiles": 256, "bootstrap": 1000},
-    })
+    }
+    for section, values in (extra or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
 
 
 def train_or_resume(config: Any, progress: bool = False) -> Path:

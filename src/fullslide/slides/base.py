@@ -98,8 +98,10 @@ class Slide:
     """A whole-slide image opened through one backend; use ``open_slide`` to get one."""
 
     def __init__(self, path: str | Path, backend: SlideBackend, *, mpp: float | None = None) -> None:
+        from fullslide.slides.dicom import default_slide_id
+
         self.path = Path(path)
-        self.slide_id = self.path.stem
+        self.slide_id = default_slide_id(self.path)
         self._backend = backend
         if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
             raise SlideError(self.path, f"mpp must be a positive number, got {mpp!r}")

@@ -208,6 +208,7 @@ def import_coords(src: str | Path, slide: Any, out: str | Path, slide_id: str) -
     else:
         raise SlideError(src, "coords file has 'patch_size' but neither 'patch_size_level0' (TRIDENT) nor "
                               "'patch_level' (CLAM): the tiles' level-0 size is unknown")
+    from fullslide.slides.dicom import slide_stat
     from fullslide.slides.grid import plan_tile_geometry
 
     planned = plan_tile_geometry(slide_mpp, slide.level_downsamples, slide_mpp * level0_px / tile_px, tile_px)
@@ -218,5 +219,5 @@ def import_coords(src: str | Path, slide: Any, out: str | Path, slide_id: str) -
                  level_wh=slide.level_dimensions[geometry.level], backend=slide.backend,
                  fingerprint=f"imported:{src}",
                  extra_attrs={"imported_from": str(src), "num_tiles": int(len(xy)),
-                              "slide_bytes": int(Path(slide.path).stat().st_size)})
+                              "slide_bytes": slide_stat(Path(slide.path))[0]})
     return Path(out)

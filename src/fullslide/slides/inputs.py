@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fullslide.errors import CohortError, FullslideError, SlideError
+from fullslide.slides.dicom import default_slide_id, dicom_instances, is_dicom_file, maybe_dicom
 from fullslide.slides.open import SLIDE_SUFFIXES
 
 
@@ -73,22 +74,25 @@ def collect_jobs(inputs: Iterable[str | Path], *, mpp: float | None = None) -> t
         path = Path(item)
         try:
             if path.is_dir():
-                found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+                found = slides_in_folder(path)
                 if not found:
-                    raise SlideError(path, f"folder holds no slide files ({' '.join(SLIDE_SUFFIXES)})")
+                    raise SlideError(path, f"folder holds no slide files ({' '.join(SLIDE_SUFFIXES)}) and no DICOM "
+                                           "slide folders")
                 for p in found:  # one unusable name never stops the folder's other slides
-                    if problem := slide_id_problem(p.stem):
+                    slide_id = default_slide_id(p)
+                    if problem := slide_id_problem(slide_id):
                         errors.append(InputError(p, f"{p}: slide id from the file name {problem}; list it in a CSV "
                                                     "with a slide_id column"))
                     else:
-                        jobs.append(SlideJob(p, p.stem, mpp))
+                        jobs.append(SlideJob(p, slide_id, mpp))
             elif path.suffix.lower() == ".csv":
                 jobs.extend(read_slide_csv(path, default_mpp=mpp))
             else:
-                if problem := slide_id_problem(path.stem):
+                slide_id = default_slide_id(path)
+                if problem := slide_id_problem(slide_id):
                     raise SlideError(path, f"slide id from the file name {problem}; list it in a CSV with a "
                                            "slide_id column")
-                jobs.append(SlideJob(path, path.stem, mpp))
+                jobs.append(SlideJob(path, slide_id, mpp))
         except FullslideError as exc:
             errors.append(InputError(path, str(exc)))
     unique: list[SlideJob] = []
@@ -106,6 +110,25 @@ def collect_jobs(inputs: Iterable[str | Path], *, mpp: float | None = None) -> t
         seen[job.slide_id] = job.path
         unique.append(job)
     return unique, errors
+
+
+def slides_in_folder(folder: Path) -> list[Path]:
+    """The slides under ``folder``: slide files, and each folder of DICOM instances as one slide (the folder).
+
+    ``folder`` itself is one slide when it holds DICOM instances. DICOM files are found by suffix (``.dcm``) or,
+    for files without a suffix, by content.
+    """
+    if dicom_instances(folder):
+        return [folder]
+    slides: set[Path] = set()
+    for p in folder.rglob("*"):
+        if not p.is_file():
+            continue
+        if maybe_dicom(p) and is_dicom_file(p):
+            slides.add(p.parent)
+        elif p.suffix.lower() in SLIDE_SUFFIXES:
+            slides.add(p)
+    return sorted(slides)
 
 
 def read_slide_csv(csv_path: Path, *, default_mpp: float | None = None) -> list[SlideJob]:
@@ -132,7 +155,7 @@ def read_slide_csv(csv_path: Path, *, default_mpp: float | None = None) -> list[
         path = Path(row["path"]).expanduser()
         if not path.is_absolute():
             path = csv_path.parent / path
-        slide_id = row.get("slide_id") or path.stem
+        slide_id = row.get("slide_id") or default_slide_id(path)
         problem = slide_id_problem(slide_id)
         if problem:
             raise CohortError(f"{csv_path}: line {line}: column 'slide_id': {problem}")

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 #: Suffixes of plain images (decoded whole by the image backend).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: Suffixes scanned for when a folder is given.
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms") + IMAGE_SUFFIXES
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".dcm") + IMAGE_SUFFIXES
 _IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
@@ -30,6 +30,12 @@ def _tiffslide(path: Path) -> SlideBackend:
     return TiffSlideBackend(path)
 
 
+def _fastslide(path: Path) -> SlideBackend:
+    from fullslide.slides.fastslide_backend import FastSlideBackend
+
+    return FastSlideBackend(path)
+
+
 def _image(path: Path) -> SlideBackend:
     from fullslide.slides.image_backend import ImageBackend
 
@@ -40,6 +46,7 @@ def _image(path: Path) -> SlideBackend:
 BACKENDS: dict[str, Callable[[Path], SlideBackend]] = {
     "openslide": _openslide,
     "tiffslide": _tiffslide,
+    "fastslide": _fastslide,  # optional, never chosen by "auto" (its JPEG pixels differ from OpenSlide's)
     "image": _image,
 }
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -48,6 +55,7 @@ BACKEND_CHOICES = ("auto", *BACKENDS)
 def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = None) -> Slide:
     """Open a slide; ``backend`` is "auto" or a name in ``BACKENDS``; ``mpp`` overrides metadata.
 
+    ``path`` is a slide file or a DICOM WSI's folder of instances (read by OpenSlide from one of them).
     Raises SlideError with a one-line cause for a missing, unreadable, truncated or unknown file.
     """
     path = Path(path)
@@ -59,11 +67,19 @@ def open_slide(path: str | Path, *, backend: str = "auto", mpp: float | None = N
         raise SlideError(path, "file not found" if not path.is_symlink() else "broken symbolic link") from None
     except OSError as exc:  # a symlink loop (ELOOP), a permission problem on a folder above, ...
         raise SlideError(path, f"cannot open ({exc.strerror or exc})") from None
+    source = path
     if path.is_dir():
-        raise SlideError(path, "is a folder, not a slide file")
+        from fullslide.slides.dicom import dicom_instances, instance_to_open
+
+        instances = dicom_instances(path)
+        if not instances:
+            raise SlideError(path, "is a folder, not a slide file (and holds no DICOM instances)")
+        source = instance_to_open(path, instances)
     try:
-        name = backend if backend != "auto" else detect_backend(path)
-        return Slide(path, BACKENDS[name](path), mpp=mpp)
+        name = backend if backend != "auto" else detect_backend(source)
+        if source is not path and name not in ("openslide", "fastslide"):
+            raise SlideError(path, f"a DICOM slide is read by OpenSlide or fastslide, not by the {name!r} backend")
+        return Slide(path, BACKENDS[name](source), mpp=mpp)
     except OSError as exc:
         raise SlideError(path, f"cannot read file ({exc.strerror or exc})") from exc
 

@@ -4,7 +4,9 @@ Two signals: ``focal`` (positive slides hold a few small lesion foci of larger, 
 nuclei, covering ``lesion_fraction`` of the tissue; the ground-truth mask is saved) and
 ``diffuse`` (every tissue region of a positive slide has slightly more nuclei and a bluer
 background). Some patients have two slides that share their staining, so that patient-level
-splitting matters. Everything is determined by ``seed``.
+splitting matters. With ``sites`` > 1 patients come from sites A, B, C, ... in turn, and each site after A stains
+with its own haematoxylin and eosin (vectors turned by about ``site_shift`` radians and strengths scaled by up to
+``1 +- site_shift``), as scanners and labs differ; a ``site`` column names it. Everything is determined by ``seed``.
 
 Layout of ``out_dir``: ``labels.csv`` (slide_id, path, label, patient_id, signal, lesion_mask;
 paths relative to the CSV), ``slides/{slide_id}.tiff``, ``lesions/{slide_id}.png`` (positive
@@ -47,13 +49,36 @@ class SynthSlide:
     seed: int
     appearance: Appearance
     lesion_fraction: float
+    site: str = ""
+
+
+def site_stains(seed: int, site: int, shift: float) -> tuple[tuple[float, ...], tuple[float, ...], float, float]:
+    """(H vector, E vector, H strength, E strength) of ``site`` (0 is the reference: Ruifrok & Johnston's vectors).
+
+    Each vector turns by ``shift`` radians towards a random direction (kept non-negative, unit length); the
+    strengths scale by ``1 + shift * u``, ``u`` in [-1, 1]."""
+    from fullslide.slides.synth_render import E_OD, H_OD
+
+    if site == 0 or shift == 0:
+        return tuple(map(float, H_OD)), tuple(map(float, E_OD)), 1.0, 1.0
+    rng = np.random.default_rng([seed, 3, site])
+    vectors = []
+    for v in (H_OD.astype(np.float64), E_OD.astype(np.float64)):
+        v = v / np.linalg.norm(v)
+        d = rng.normal(size=3)
+        d -= d.dot(v) * v  # a direction orthogonal to v
+        turned = np.abs(math.cos(shift) * v + math.sin(shift) * d / np.linalg.norm(d))
+        vectors.append(tuple(float(x) for x in turned / np.linalg.norm(turned)))
+    h, e = 1.0 + shift * rng.uniform(-1, 1, size=2)
+    return vectors[0], vectors[1], float(h), float(e)
 
 
 def plan_cohort(
     n_slides: int, *, signal: Signal, lesion_fraction: float, positive_fraction: float, seed: int, diffuse_strength: float,
-    stain_variation: float = 0.12, lesion_contrast: float = 1.0,
+    stain_variation: float = 0.12, lesion_contrast: float = 1.0, sites: int = 1, site_shift: float = 0.0,
 ) -> list[SynthSlide]:
-    """Patients, labels, seeds and stains of a cohort; every third patient has two slides."""
+    """Patients, labels, seeds and stains of a cohort; every third patient has two slides; patient ``p`` comes
+    from site ``p % sites``."""
     groups: list[list[int]] = []
     i = 0
     while i < n_slides:
@@ -66,8 +91,10 @@ def plan_cohort(
     for p, members in enumerate(groups):
         stain = np.random.default_rng([seed, 1, p]).uniform(1 - stain_variation, 1 + stain_variation, size=2)  # per patient
         label = int(p in positives)
+        h_od, e_od, h_site, e_site = site_stains(seed, p % sites, site_shift)
         for s in members:
-            look = Appearance(h_scale=float(stain[0]), e_scale=float(stain[1]),
+            look = Appearance(h_scale=float(stain[0]) * h_site, e_scale=float(stain[1]) * e_site,
+                              h_od=h_od if sites > 1 else None, e_od=e_od if sites > 1 else None,
                               diffuse=diffuse_strength if (label and signal == "diffuse") else 0.0)
             if lesion_contrast != 1.0:
                 look = look.subtle(lesion_contrast)
@@ -75,6 +102,7 @@ def plan_cohort(
                 slide_id=f"synth_{s:04d}", patient_id=f"patient_{p:04d}", label=label,
                 seed=int(np.random.SeedSequence([seed, 2, s]).generate_state(1)[0]), appearance=look,
                 lesion_fraction=lesion_fraction if (label and signal == "focal") else 0.0,
+                site=chr(ord("A") + p % sites) if sites > 1 else "",
             ))
     return slides
 
@@ -93,6 +121,8 @@ def make_cohort(
     diffuse_strength: float = 1.0,
     stain_variation: float = 0.12,
     lesion_contrast: float = 1.0,
+    sites: int = 1,
+    site_shift: float = 0.0,
     workers: int = 1,
 ) -> Path:
     """Write a synthetic cohort into ``out_dir`` and return the labels CSV path."""
@@ -116,9 +146,11 @@ def make_cohort(
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not 0 <= stain_variation < 1:
         raise ConfigError(f"synth: stain variation must be in [0, 1), got {stain_variation}")
+    if not 1 <= sites <= 26 or not 0 <= site_shift < 1.5:
+        raise ConfigError(f"synth: need 1 <= sites <= 26 and 0 <= site shift < 1.5, got {sites}, {site_shift}")
     plan = plan_cohort(n_slides, signal=signal, lesion_fraction=lesion_fraction, positive_fraction=positive_fraction,
                        seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation,
-                       lesion_contrast=lesion_contrast)
+                       lesion_contrast=lesion_contrast, sites=sites, site_shift=site_shift)
     args = [(out, s, (width, height), mpp, tissue_fraction) for s in plan]
     if workers > 1 and n_slides > 1:
         import multiprocessing
@@ -129,9 +161,10 @@ def make_cohort(
         masks = [_make_one(a, workers=workers) for a in args]
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(CSV_COLUMNS + (("site",) if sites > 1 else ()))
     for s, mask in zip(plan, masks):
-        writer.writerow([s.slide_id, f"slides/{s.slide_id}.tiff", s.label, s.patient_id, signal, mask or ""])
+        writer.writerow([s.slide_id, f"slides/{s.slide_id}.tiff", s.label, s.patient_id, signal, mask or ""]
+                        + ([s.site] if sites > 1 else []))
     csv_path = out / LABELS_CSV
     with atomic_path(csv_path) as tmp:
         tmp.write_text(rows.getvalue(), encoding="utf-8")

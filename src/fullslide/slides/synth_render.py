@@ -45,6 +45,10 @@ class Appearance:
     """Per-slide (per-patient) hematoxylin staining intensity."""
     e_scale: float = 1.0
     """Per-slide (per-patient) eosin staining intensity."""
+    h_od: tuple[float, float, float] | None = None
+    """The haematoxylin's optical-density vector (None: Ruifrok & Johnston's ``H_OD``): a site's stain."""
+    e_od: tuple[float, float, float] | None = None
+    """The eosin's optical-density vector (None: ``E_OD``)."""
     diffuse: float = 0.0
     """Strength of the diffuse signal (0 = none): more nuclei, bluer background, everywhere."""
     lesion_contrast: float = 1.0
@@ -183,7 +187,9 @@ def render_region(layout: SlideLayout, x0: int, y0: int, width: int, height: int
     fibres = value_noise(xs, ys, 3 * um, 16 * um, seed, 4)
     eosin = (0.22 + 0.30 * coarse + 0.20 * fibres) * (1 - 0.3 * look.lesion_contrast * lesion) * (1 - 0.05 * look.diffuse)
     haem = 0.05 + 0.05 * coarse + 0.10 * look.lesion_contrast * lesion + 0.05 * look.diffuse + _nuclei(layout, x0, y0, width, height)
-    od = tissue[..., None] * (haem[..., None] * (look.h_scale * H_OD) + eosin[..., None] * (look.e_scale * E_OD))
+    h_od = H_OD if look.h_od is None else np.asarray(look.h_od, dtype=np.float32)
+    e_od = E_OD if look.e_od is None else np.asarray(look.e_od, dtype=np.float32)
+    od = tissue[..., None] * (haem[..., None] * (look.h_scale * h_od) + eosin[..., None] * (look.e_scale * e_od))
     rgb = GLASS_RGB * np.exp(-od)
     grain = value_noise(xs, ys, 1.0, 1.0, seed, 5) - 0.5  # per-pixel grain, also position-determined
     rgb += (4.0 * grain)[..., None]

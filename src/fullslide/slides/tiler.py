@@ -121,17 +121,18 @@ def tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, *, backend: s
 
 def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str, overwrite: bool, start: float) -> TileResult:
     from fullslide.slides.coords_io import read_coords_attrs, write_coords
+    from fullslide.slides.dicom import slide_stat
     from fullslide.slides.open import open_slide
     from fullslide.slides.overlay import draw_overlay
 
     h5_path, png_path = output_paths(out_dir, job.slide_id)
     try:
-        stat = job.path.stat()
+        stat = slide_stat(job.path)
     except FileNotFoundError:
         raise SlideError(job.path, "file not found") from None
     except OSError as exc:  # a symlink loop, a permission problem on a folder above
         raise SlideError(job.path, f"cannot open ({exc.strerror or exc})") from None
-    fingerprint = params.fingerprint(job, (stat.st_size, stat.st_mtime_ns))
+    fingerprint = params.fingerprint(job, stat)
     if not overwrite and h5_path.is_file() and png_path.is_file():
         try:
             attrs = read_coords_attrs(h5_path)
@@ -175,7 +176,7 @@ def _tile_slide(job: SlideJob, out_dir: Path, params: TilingParams, backend: str
             level_wh=slide.level_dimensions[geometry.level], backend=slide.backend, fingerprint=fingerprint,
             extra_attrs={"num_tiles": int(coords.shape[0]), "tissue_threshold": params.tissue_threshold,
                          "slide_path": str(job.path), "vendor": slide.vendor, "mpp_source": slide.mpp_source,
-                         "slide_bytes": int(stat.st_size)},
+                         "slide_bytes": stat[0]},
         )
         return TileResult(
             slide_id=job.slide_id, path=job.path, status="ok" if coords.shape[0] else "empty",

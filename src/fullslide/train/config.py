@@ -38,7 +38,12 @@ class DataConfig:
     target_mpp: float = _f(0.5, "micrometres per pixel of the tiles")
     tile_px: int = _f(224, "tile side in pixels at target_mpp")
     tissue_threshold: float = _f(0.5, "minimal tissue fraction of a kept tile")
-    backend: Literal["auto", "openslide", "tiffslide", "image"] = _f("auto", "slide reader")
+    backend: Literal["auto", "openslide", "tiffslide", "fastslide", "image"] = _f("auto", "slide reader")
+    stain_normalize: Literal["none", "macenko", "reinhard"] = _f(
+        "none", "stain normalisation, fitted once per slide, applied on the device in training, extraction and "
+                "inference alike: none, macenko or reinhard")
+    stain_reference: str | None = _f(None, "reference of the stain normalisation: a tile image (PNG/JPEG) or a slide; "
+                                           "null: Macenko's published reference (reinhard needs one)")
     mpp: float | None = _f(None, "mpp of slides without metadata (a CSV mpp column overrides it per slide)")
     split_method: Literal["auto", "column", "kfold", "fractions"] = _f(
         "auto", "patient-level split: auto (the cohort's split column if it has one, else fractions), column, kfold, fractions")

@@ -98,7 +98,7 @@ class ContextCache:
 
 
 def fill(cache: ContextCache, encoder: torch.nn.Module, sources: list, position: int, *, chunk_tiles: int,
-         workers: int, amp_dtype: torch.dtype | None, backend: str, parallel, write: bool) -> int:
+         workers: int, amp_dtype: torch.dtype | None, backend: str, parallel, write: bool, stain=None) -> int:
     """Extract the features of every tile of ``sources`` into the cache as the extraction before step
     ``position``. Every rank takes part (tile-parallel); ``write`` ranks store. Returns how many slides were
     extracted. The encoder is left in eval mode: the caller puts it back in training."""
@@ -107,7 +107,7 @@ def fill(cache: ContextCache, encoder: torch.nn.Module, sources: list, position:
     version = 2 * position + 1
     done = 0
     for source, feats, error in extract_features(encoder, sources, chunk_tiles=chunk_tiles, workers=workers,
-                                                 amp_dtype=amp_dtype, backend=backend, parallel=parallel):
+                                                 amp_dtype=amp_dtype, backend=backend, parallel=parallel, stain=stain):
         if feats is None:
             log.warning("context: %s has no cached features (%s); it trains without context", source.slide_id, error)
             continue
@@ -167,7 +167,7 @@ class SlideContext:
             t0 = time.perf_counter()
             n = fill(self.cache, t.model.encoder, todo, t.state["global_step"], chunk_tiles=cfg.eval.chunk_tiles,
                      workers=cfg.train.loader_workers, amp_dtype=t.amp, backend=cfg.data.backend, parallel=t.ctx,
-                     write=t.ctx.tp_rank == 0)
+                     write=t.ctx.tp_rank == 0, stain=t.data.stain)
             t.model.train()
             if t.rank0:
                 log.info("context: features of every tile of %d slide(s) cached before step %d in %.0f s", n,

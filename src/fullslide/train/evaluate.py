@@ -23,8 +23,8 @@ from fullslide.errors import FullslideError
 from fullslide.train import checkpoint as ckpt
 from fullslide.train.config import Config, load_run_config
 from fullslide.train.inference import SlidePrediction, extract_features, predict_with_config
-from fullslide.train.setup import (amp_dtype, build_model, ensure_tiles, features_path, prepare_data,
-                                   read_run_info)
+from fullslide.train.setup import (amp_dtype, build_model, ensure_stain, ensure_tiles, features_path,
+                                   prepare_data, read_run_info)
 from fullslide.train.validate import prediction_rows, score_predictions, write_csv, write_json
 
 log = logging.getLogger("fullslide.eval")
@@ -65,7 +65,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", checkpoint: str = "best"
     sources = data.split_sources(split)
     if not sources:
         raise FullslideError(f"{run_dir}: no usable slide in split '{split}'")
-    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device))
+    preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
+                                stain=data.stain)
     loss_fn = make_loss(config.data.task, n_classes=len(info["classes"]))
     scores = score_predictions(config.data.task, data.cohort, preds, loss_fn=loss_fn,
                                n_bootstrap=config.eval.bootstrap, seed=config.train.seed)
@@ -102,8 +103,11 @@ def predict_new(run_dir: Path, inputs: Sequence[str | Path], out: Path, *, check
                for r in results if not r.failed and r.n_tiles > 0 and r.h5_path is not None]
     failures = [SlidePrediction(r.slide_id, np.zeros(0), error=r.message or f"{r.path}: no tissue tiles")
                 for r in results if r.failed or r.n_tiles == 0]
+    by_id = {s.slide_id: s for s in sources}
+    stain = ensure_stain(config, by_id, out, ctx)
+    sources = list(by_id.values())
     preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
-                                keep_attention=heatmaps, use_features=False)  # new slides: always from pixels
+                                keep_attention=heatmaps, use_features=False, stain=stain)  # new slides: from pixels
     n_failed = sum(1 for p in preds if p.error) + len(failures)
     if ctx.rank != 0:  # every rank holds the results; one writes them
         return out / "predictions.csv", len(preds) - n_failed + len(failures), n_failed
@@ -139,6 +143,8 @@ def encoder_fingerprint(config: Config) -> str:
     stat = Path(weights).stat() if weights else None
     payload = [config.encoder.name, weights, stat and (stat.st_size, int(stat.st_mtime)), config.data.tile_px,
                config.data.target_mpp, config.train.seed, config.encoder.kwargs]
+    if config.data.stain_normalize != "none":  # the pixels the encoder saw
+        payload += [config.data.stain_normalize, config.data.stain_reference]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
 
 
@@ -160,6 +166,7 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False,
     cohort = CohortTable.from_csv(config.data.cohort, task=config.data.task, label_column=config.data.label_column,
                                   require_labels=False)
     sources, excluded = ensure_tiles(config, cohort, target, ctx, progress=progress)
+    stain = ensure_stain(config, sources, target, ctx)
     fingerprint = encoder_fingerprint(config)
     todo = []
     for source in sources.values():
@@ -177,7 +184,7 @@ def extract(config: Config, *, out: Path | None = None, progress: bool = False,
     for source, feats, error in extract_features(encoder, todo, chunk_tiles=config.eval.chunk_tiles,
                                                  workers=config.train.loader_workers,
                                                  amp_dtype=amp_dtype(config, ctx.device), backend=config.data.backend,
-                                                 parallel=ctx):
+                                                 parallel=ctx, stain=stain):
         if ctx.tp_rank != 0:  # the group's first rank writes the slide's file
             continue
         if feats is None:
@@ -277,7 +284,7 @@ def heatmaps_for_run(run_dir: Path, *, split: str = "test", slide_ids: Sequence[
     else:
         sources = data.split_sources(split)
     preds = predict_with_config(config, model, sources, ctx, amp_dtype=amp_dtype(config, ctx.device),
-                                keep_attention=True)
+                                keep_attention=True, stain=data.stain)
     out = Path(out) if out is not None else Path(run_dir) / "heatmaps"
     n = 0
     for source, pred in zip(sources, preds):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fullslide.data.loader import SlideChunk, SlideChunks, SlideSource, make_loader
+from fullslide.data.stain import StainNormalizer
 from fullslide.engine import ParallelContext, encode_tiles, rank_tile_range
 from fullslide.engine.collectives import all_gather_rows
 from fullslide.train.config import Config
@@ -77,6 +78,7 @@ def predict_slides(
     backend: str = "auto",
     parallel: ParallelContext | None = None,
     on_slide: Callable[[SlidePrediction], None] | None = None,
+    stain: StainNormalizer | None = None,
 ) -> list[SlidePrediction]:
     """Predict every slide from all its tiles (or features); results in ``sources`` order on every rank.
 
@@ -88,7 +90,7 @@ def predict_slides(
     results: dict[int, SlidePrediction] = {}
     for index, feats, error in slide_features(None if use_features else model.encoder, sources, ctx,
                                               chunk_tiles=chunk_tiles, workers=workers, amp_dtype=amp_dtype,
-                                              backend=backend, feature_dim=model.feature_dim):
+                                              backend=backend, feature_dim=model.feature_dim, stain=stain):
         slide_id = sources[index].slide_id
         if ctx.tp_rank != 0:
             continue  # the group's first rank holds the result
@@ -125,6 +127,7 @@ def predict_slides(
 def slide_features(
     encoder: nn.Module | None, sources: Sequence[SlideSource], ctx: ParallelContext, *, chunk_tiles: int,
     workers: int = 0, amp_dtype: torch.dtype | None = None, backend: str = "auto", feature_dim: int,
+    stain: StainNormalizer | None = None,
 ) -> Iterator[tuple[int, torch.Tensor | None, str]]:
     """(index into ``sources``, features ``[K, D]`` of ALL its tiles or None, error) for this slide group's slides,
     on every rank of the group. ``encoder`` None reads stored features instead of encoding tiles.
@@ -142,7 +145,12 @@ def slide_features(
         index = mine[local]
         error, feats = "", None
         try:
-            parts = [c.to(ctx.device).float() for c in chunks] if encoder is None else list(chunks)
+            if encoder is None:
+                parts = [c.to(ctx.device).float() for c in chunks]
+            elif stain is not None:  # on the device, per slide, before the encoder (as in training)
+                parts = [stain(c.to(ctx.device, non_blocking=True), sources[index].stain) for c in chunks]
+            else:
+                parts = list(chunks)
             if parts:
                 feats = torch.cat(parts) if encoder is None else encode_tiles(
                     encoder, parts, chunk_tiles=chunk_tiles, amp_dtype=amp_dtype, device=ctx.device)  # [k_local, D]
@@ -173,11 +181,12 @@ def _gather_slide(ctx: ParallelContext, source: SlideSource, chunk_tiles: int, l
 def predict_with_config(
     config: Config, model: nn.Module, sources: Sequence[SlideSource], ctx: ParallelContext, *,
     amp_dtype: torch.dtype | None, keep_attention: bool = False, use_features: bool | None = None,
+    stain: StainNormalizer | None = None,
 ) -> list[SlidePrediction]:
     """:func:`predict_slides` with a run's settings (eval chunk size, loader workers, backend, frozen features)."""
     return predict_slides(model, sources, chunk_tiles=config.eval.chunk_tiles, workers=config.train.loader_workers,
                           amp_dtype=amp_dtype, backend=config.data.backend, parallel=ctx, keep_attention=keep_attention,
-                          use_features=config.encoder.freeze if use_features is None else use_features)
+                          use_features=config.encoder.freeze if use_features is None else use_features, stain=stain)
 
 
 @torch.no_grad()
@@ -191,12 +200,13 @@ def extract_features(
     backend: str = "auto",
     device: torch.device | None = None,
     parallel: ParallelContext | None = None,
+    stain: StainNormalizer | None = None,
 ) -> Iterator[tuple[SlideSource, torch.Tensor | None, str]]:
     """(source, features [K, D] float32 or None, error) for each of this slide group's slides, streaming tiles
     from workers (tile-parallel under torchrun, see :func:`slide_features`)."""
     encoder.eval()
     ctx = parallel or ParallelContext.single(device or next(encoder.parameters()).device)
     for index, feats, error in slide_features(encoder, sources, ctx, chunk_tiles=chunk_tiles, workers=workers,
-                                              amp_dtype=amp_dtype, backend=backend,
+                                              amp_dtype=amp_dtype, backend=backend, stain=stain,
                                               feature_dim=int(getattr(encoder, "feature_dim"))):
         yield sources[index], None if feats is None else feats.cpu(), error

@@ -20,6 +20,7 @@ import torch
 from fullslide.atomic import atomic_path, atomic_write_text
 from fullslide.data.cohort import CohortTable
 from fullslide.data.loader import SlideSource
+from fullslide.data.stain import StainNormalizer
 from fullslide.engine import ParallelContext
 from fullslide.errors import ConfigError, FullslideError, SlideError
 from fullslide.train.config import Config
@@ -40,6 +41,7 @@ class RunData:
     sources: dict[str, SlideSource] = field(default_factory=dict)  # usable slides by id
     excluded: dict[str, str] = field(default_factory=dict)  # slide id -> one-line reason
     feature_width: int | None = None  # frozen runs: the width of the extracted features
+    stain: StainNormalizer | None = None  # data.stain_normalize, with every usable slide's fit in its source
 
     def split_sources(self, split: str) -> list[SlideSource]:
         return [self.sources[r.slide_id] for r in self.cohort.records
@@ -176,6 +178,7 @@ def _checked_coords(config: Config, slide_path: Path, h5: Path, shown: Path | No
     ``shown`` is the file the user gave when ``h5`` is fullslide's conversion of it (errors name the user's)."""
     from fullslide.slides import open_slide
     from fullslide.slides.coords_io import coords_problem, read_coords_and_attrs
+    from fullslide.slides.dicom import slide_stat
 
     xy, geometry, attrs = read_coords_and_attrs(h5)
     if geometry.tile_px != config.data.tile_px or abs(geometry.target_mpp / config.data.target_mpp - 1) > 0.05:
@@ -184,7 +187,7 @@ def _checked_coords(config: Config, slide_path: Path, h5: Path, shown: Path | No
                           "re-tile (`fullslide tile`)")
     with open_slide(slide_path, backend=config.data.backend, mpp=config.data.mpp) as slide:
         size = slide.dimensions
-    problem = coords_problem(xy, geometry, attrs, size, slide_path.stat().st_size)
+    problem = coords_problem(xy, geometry, attrs, size, slide_stat(slide_path)[0])
     if problem:
         raise SlideError(h5, f"{problem}; slide {slide_path}")
     return int(len(xy))
@@ -254,11 +257,60 @@ def prepare_data(config: Config, run_dir: Path, ctx: ParallelContext, *, progres
     check_no_patient_leak(cohort, splits)
     feature_width = None
     sources, excluded = ensure_tiles(config, cohort, run_dir, ctx, progress=progress)
+    stain = None
     if config.encoder.freeze:
         feature_width = attach_features(config, sources, excluded)
+    else:
+        stain = ensure_stain(config, sources, run_dir, ctx)
     for slide_id, why in excluded.items():
         log.warning("left out %s: %s", slide_id, why)
-    return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded, feature_width=feature_width)
+    return RunData(cohort=cohort, splits=splits, sources=sources, excluded=excluded, feature_width=feature_width,
+                   stain=stain)
+
+
+def ensure_stain(config: Config, sources: dict[str, SlideSource], folder: Path,
+                 ctx: ParallelContext) -> StainNormalizer | None:
+    """``data.stain_normalize``: each slide's stain fit (read from ``folder/stain_<method>.json`` or fitted by
+    rank 0 and stored there) put into its source; the normaliser, or None when off.
+
+    A slide whose tissue cannot be fitted (almost no stained pixels) keeps its pixels, with a warning."""
+    import dataclasses
+
+    from fullslide.data import stain as st
+
+    method = config.data.stain_normalize
+    if method == "none":
+        return None
+    path = st.store_path(folder, method)
+    st.check_reference(method, config.data.stain_reference)  # on every rank: none waits for a failed rank 0
+    reference_key = str(Path(config.data.stain_reference).expanduser().resolve()) if config.data.stain_reference else ""
+    if ctx.rank == 0:
+        store = st.load_store(path)
+        if store.get("_reference", {}).get("key") != reference_key or "params" not in store.get("_reference", {}):
+            params = st.reference_params(method, config.data.stain_reference, backend=config.data.backend,
+                                         target_mpp=config.data.target_mpp, tile_px=config.data.tile_px)
+            store = {"_reference": {"key": reference_key, "params": params}}
+        changed = False
+        for s in sources.values():
+            stamp = [s.path, s.n_tiles]
+            if store.get(s.slide_id, {}).get("stamp") == stamp:
+                continue
+            try:
+                fit = st.fit(method, st.slide_pixels(s.path, s.coords_h5, backend=config.data.backend, mpp=s.mpp))
+                store[s.slide_id] = {"stamp": stamp, "params": fit}
+            except (ValueError, FullslideError, OSError) as exc:
+                store[s.slide_id] = {"stamp": stamp, "params": None, "error": str(exc)}
+            changed = True
+        if changed:
+            st.save_store(path, store)
+    barrier(ctx)
+    store = st.load_store(path)
+    for slide_id, s in sources.items():
+        entry = store.get(slide_id, {})
+        if entry.get("params") is None:
+            log.warning("stain normalisation: %s keeps its stains (%s)", slide_id, entry.get("error", "not fitted"))
+        sources[slide_id] = dataclasses.replace(s, stain=entry.get("params"))
+    return st.StainNormalizer(method, store["_reference"]["params"])
 
 
 def check_trainable(data: RunData, task: str) -> None:

@@ -340,6 +340,8 @@ class Trainer:
         its position in the slide's K list (so the pixels do not depend on the layout)."""
         start, stop = rank_tile_range(k_total, self.chunk_tiles, self.ctx.tp_rank, self.ctx.tp_size)
         tiles = tiles.to(self.ctx.device, non_blocking=True)
+        if self.data.stain is not None:  # stain normalisation first: augmentation varies the normalised stains
+            tiles = self.data.stain(tiles, self.train_src[slide].stain)
         return augment_batch(tiles, aug, seed=self.config.train.seed, epoch=epoch, slide=slide,
                              positions=np.arange(start, stop))
 

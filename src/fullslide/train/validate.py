@@ -78,7 +78,8 @@ def flat(metrics: dict[str, Any]) -> dict[str, float]:
 def evaluate_sources(trainer: Any, sources: Sequence[SlideSource], *, n_bootstrap: int = 0) -> dict[str, float]:
     """Validation inside training: all tiles of ``sources`` with the trainer's model -> flat metrics."""
     cfg = trainer.config
-    preds = predict_with_config(cfg, trainer.model, sources, trainer.ctx, amp_dtype=trainer.amp)
+    preds = predict_with_config(cfg, trainer.model, sources, trainer.ctx, amp_dtype=trainer.amp,
+                                stain=trainer.data.stain)
     scores = score_predictions(cfg.data.task, trainer.data.cohort, preds, loss_fn=trainer.loss_fn,
                                n_bootstrap=n_bootstrap, seed=cfg.train.seed)
     values = flat(scores)
