@@ -21,9 +21,14 @@ from fullslide.train.setup import build_model
 timm = import_timm()
 from timm.layers import SwiGLUPacked  # noqa: E402  (after the torchvision shim)
 
+from torchvision import transforms as T  # noqa: E402  (the card transforms, as the cards write them)
+
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+HALF = ((0.5,) * 3, (0.5,) * 3)
+LUNIT = ((0.70322989, 0.53606487, 0.66096631), (0.21716536, 0.26081574, 0.20723464))
+BICUBIC, BILINEAR = T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR
 
 
 def cls(tokens: torch.Tensor) -> torch.Tensor:
@@ -34,29 +39,57 @@ def cls_and_mean(first_patch: int):
     return lambda tokens: torch.cat([tokens[:, 0], tokens[:, first_patch:].mean(1)], dim=-1)
 
 
-# name: (timm architecture, card kwargs, (mean, std), embedding, file name, key prefix in the file, input px)
+def resize(px: int, kernel=BILINEAR, crop: int | None = None) -> list:
+    """The card's ``Resize(px)`` (+ ``CenterCrop(crop)``) on tensors, antialiased as on PIL images."""
+    return [T.Resize(px, interpolation=kernel, antialias=True)] + ([T.CenterCrop(crop)] if crop else [])
+
+
+# name: (timm architecture, card kwargs, (mean, std), embedding, file name, key prefix in the file, card input px,
+#        the card's resize/crop). Written from the model cards (and TRIDENT's transforms where cards defer to it).
 CARDS = {
     "uni": ("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
-            IMAGENET, cls, "pytorch_model.bin", "", 224),
+            IMAGENET, cls, "pytorch_model.bin", "", 224, resize(224, crop=224)),
     "uni2-h": ("vit_giant_patch14_224", dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5,
                embed_dim=1536, mlp_ratio=2.66667 * 2, no_embed_class=True, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
-               reg_tokens=8, dynamic_img_size=True), IMAGENET, cls, "pytorch_model.bin", "", 224),
-    "conch": ("vit_base_patch16_224", dict(img_size=448), CLIP, cls, "pytorch_model.bin", "visual.trunk.", 448),
+               reg_tokens=8, dynamic_img_size=True), IMAGENET, cls, "pytorch_model.bin", "", 224,
+               resize(224, crop=224)),
     "virchow": ("vit_huge_patch14_224", dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, mlp_layer=SwiGLUPacked,
-                act_layer=nn.SiLU, dynamic_img_size=True), IMAGENET, cls_and_mean(1), "pytorch_model.bin", "", 224),
+                act_layer=nn.SiLU, dynamic_img_size=True), IMAGENET, cls_and_mean(1), "pytorch_model.bin", "", 224,
+                resize(224, BICUBIC)),
     "virchow2": ("vit_huge_patch14_224", dict(img_size=224, init_values=1e-5, mlp_ratio=5.3375, mlp_layer=SwiGLUPacked,
                  act_layer=nn.SiLU, reg_tokens=4, dynamic_img_size=True), IMAGENET, cls_and_mean(5),
-                 "pytorch_model.bin", "", 224),
+                 "pytorch_model.bin", "", 224, resize(224, BICUBIC)),
     "prov-gigapath": ("vit_giant_patch14_dinov2", dict(img_size=224, patch_size=16, init_values=1e-5,
                       mlp_ratio=5.33334, embed_dim=1536, depth=40, num_heads=24), IMAGENET, cls,
-                      "pytorch_model.bin", "", 224),
+                      "pytorch_model.bin", "", 224, resize(256, BICUBIC, crop=224)),
+    "gigapath-flash": (None, dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                       mlp_ratio=2048 / 384.0, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, init_values=1e-5,
+                       class_token=True, reg_tokens=0, dynamic_img_size=True), IMAGENET, cls, "pytorch_model.bin",
+                       "", 224, resize(256, BICUBIC, crop=224)),
     "h-optimus-0": ("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
-                    HOPTIMUS, cls, "model.safetensors", "", 224),
+                    HOPTIMUS, cls, "model.safetensors", "", 224, resize(224)),
     "h-optimus-1": ("vit_giant_patch14_reg4_dinov2", dict(img_size=224, init_values=1e-5, dynamic_img_size=False),
-                    HOPTIMUS, cls, "model.safetensors", "", 224),
+                    HOPTIMUS, cls, "model.safetensors", "", 224, resize(224)),
+    "digepath": ("vit_large_patch16_224", dict(img_size=224, patch_size=16, init_values=1e-5, dynamic_img_size=True),
+                 IMAGENET, cls, "model.safetensors", "", 224, resize(224)),
+    "kaiko-vits16": ("vit_small_patch16_224", dict(img_size=224, dynamic_img_size=True), HALF, cls,
+                     "model.safetensors", "", 224, resize((224, 224), crop=224)),
+    "kaiko-vits8": ("vit_small_patch8_224", dict(img_size=224, dynamic_img_size=True), HALF, cls,
+                    "model.safetensors", "", 224, resize((224, 224), crop=224)),
+    "kaiko-vitb16": ("vit_base_patch16_224", dict(img_size=224, dynamic_img_size=True), HALF, cls,
+                     "model.safetensors", "", 224, resize((224, 224), crop=224)),
+    "kaiko-vitb8": ("vit_base_patch8_224", dict(img_size=224, dynamic_img_size=True), HALF, cls,
+                    "model.safetensors", "", 224, resize((224, 224), crop=224)),
+    "kaiko-vitl14": ("vit_large_patch14_reg4_dinov2", dict(img_size=518, dynamic_img_size=True), HALF, cls,
+                     "model.safetensors", "", 224, resize((224, 224), crop=224)),
+    "lunit-vits8": ("vit_small_patch8_224", dict(img_size=224, dynamic_img_size=True), LUNIT, cls,
+                    "model.safetensors", "", 224, resize(224, BICUBIC)),
+    "gpfm": ("vit_large_patch14_dinov2", dict(img_size=224, init_values=1e-5, dynamic_img_size=True), IMAGENET, cls,
+             "GPFM.pth", "", 224, resize((224, 224), BICUBIC)),
 }
-WIDTHS = {"uni": 1024, "uni2-h": 1536, "conch": 768, "virchow": 2560, "virchow2": 2560, "prov-gigapath": 1536,
-          "h-optimus-0": 1536, "h-optimus-1": 1536}
+WIDTHS = {"uni": 1024, "uni2-h": 1536, "virchow": 2560, "virchow2": 2560, "prov-gigapath": 1536, "gigapath-flash": 384,
+          "h-optimus-0": 1536, "h-optimus-1": 1536, "digepath": 1024, "kaiko-vits16": 384, "kaiko-vits8": 384,
+          "kaiko-vitb16": 768, "kaiko-vitb8": 768, "kaiko-vitl14": 1024, "lunit-vits8": 384, "gpfm": 1024}
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
@@ -75,10 +108,17 @@ def _fullslide_encoder(tmp_path: Path, name: str, weights: Path, tile_px: int, k
     return build_model(load_config(config), 2).encoder.eval()
 
 
-def _card_features(model: nn.Module, tiles: torch.Tensor, norm, embed) -> torch.Tensor:
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in norm)
+def _card_input(tiles: torch.Tensor, norm, steps: list) -> torch.Tensor:
+    """ToTensor -> the card's Resize/CenterCrop -> Normalize, on a batch."""
+    x = tiles.float() / 255
+    for step in steps:
+        x = step(x)
+    return T.Normalize(*norm)(x)
+
+
+def _card_features(model: nn.Module, tiles: torch.Tensor, norm, embed, steps: list | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return embed(model.forward_features((tiles.float() / 255 - mean) / std))
+        return embed(model.forward_features(_card_input(tiles, norm, steps or [])))
 
 
 def _make_input_matter(model: nn.Module) -> nn.Module:
@@ -94,46 +134,118 @@ def _make_input_matter(model: nn.Module) -> nn.Module:
 
 
 def _tiles(px: int, n: int = 2) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, px, px), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    """Smooth random tiles (a resize of them is a meaningful test of the kernel) with noise on top."""
+    g = torch.Generator().manual_seed(px)
+    coarse = torch.rand((n, 3, 9, 9), generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(px, px), mode="bicubic", align_corners=False)
+    noise = torch.rand((n, 3, px, px), generator=g) * 0.25
+    return ((smooth * 0.75 + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _card_network(name: str) -> nn.Module:
+    arch, kwargs = CARDS[name][0], {**CARDS[name][1], "depth": 1}
+    if arch is None:  # Prov-GigaPath-flash: the VisionTransformer class with the card's arguments
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(num_classes=0, global_pool="token", **kwargs)
+    return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
 @pytest.mark.parametrize("name", list(CARDS))
 def test_recipe_features_equal_the_model_card_pipeline(name: str, tmp_path: Path) -> None:
-    arch, kwargs, norm, embed, file_name, prefix, px = CARDS[name]
+    """At the card's input size and at another tile size (resized as the card's transform does)."""
+    _, _, norm, embed, file_name, prefix, px, steps = CARDS[name]
     torch.manual_seed(1)
-    card = _make_input_matter(timm.create_model(arch, pretrained=False, num_classes=0, **{**kwargs, "depth": 1}))
-    card.eval()
-    state = {prefix + k: v for k, v in card.state_dict().items()}
-    if name == "conch":  # the card's file holds the whole CoCa model: text tower and poolers are not the trunk
-        state["text.token_embedding.weight"] = torch.randn(10, 4)
-        state["visual.attn_pool_contrast.attn.in_proj_weight"] = torch.randn(12, 4)
-    weights = _save(state, tmp_path / name / file_name)
-    encoder = _fullslide_encoder(tmp_path, name, weights, px, {"depth": 1})
-    tiles = _tiles(px)
-    with torch.no_grad():
-        ours = encoder(tiles)
-    want = _card_features(card, tiles, norm, embed)
-    assert ours.shape == (2, WIDTHS[name]) == want.shape
-    assert torch.allclose(ours, want, rtol=1e-5, atol=1e-5), float((ours - want).abs().max())
-    # the input matters: the two tiles differ, and another normalisation (timm's 0.5 default for some of these
-    # architectures) gives other features, by far more than the tolerance
-    assert float((want[0] - want[1]).abs().max()) > 1e-1
-    other = _card_features(card, tiles, ((0.5,) * 3, (0.5,) * 3), embed)
-    assert float((other - want).abs().max()) > 1e-2
+    card = _make_input_matter(_card_network(name)).eval()
+    weights = _save({prefix + k: v for k, v in card.state_dict().items()}, tmp_path / name / file_name)
+    for tile_px in (px, px + 32):
+        encoder = _fullslide_encoder(tmp_path, name, weights, tile_px, {"depth": 1})
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            ours = encoder(tiles)
+        want = _card_features(card, tiles, norm, embed, steps)
+        assert ours.shape == (2, WIDTHS[name]) == want.shape
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
+        # the input matters: the two tiles differ, and another normalisation (timm's 0.5 default for some of
+        # these architectures) gives other features, by far more than the tolerance
+        assert float((want[0] - want[1]).abs().max()) > 1e-1
+        other = _card_features(card, tiles, ((0.45,) * 3, (0.3,) * 3), embed, steps)
+        assert float((other - want).abs().max()) > 1e-2
+    # and the card's resize matters at the other size: a plain bilinear squash to the input gives other features
+    squashed = _card_features(card, tiles, norm, embed, [T.Resize((px, px), antialias=True)])
+    first = steps[0]
+    if first.interpolation == BICUBIC or first.size not in ([px], (px, px), [px, px], px):
+        assert float((squashed - want).abs().max()) > 1e-3, "the card's resize is not what this test checks"
 
 
-def test_tiles_of_another_size_are_resized_to_a_fixed_size_model(tmp_path: Path) -> None:
-    arch, kwargs, norm, embed, file_name, _, _ = CARDS["h-optimus-0"]
-    torch.manual_seed(1)
-    card = _make_input_matter(timm.create_model(arch, pretrained=False, num_classes=0, **{**kwargs, "depth": 1}))
-    card.eval()
-    weights = _save(card.state_dict(), tmp_path / file_name)
-    encoder = _fullslide_encoder(tmp_path, "h-optimus-0", weights, 256, {"depth": 1})
-    tiles = _tiles(256)
+def _conch_card(tmp_path: Path) -> tuple[nn.Module, nn.Module, nn.Module, Path]:
+    """CONCH as the card builds its image embedding (written here from the CONCH repository's vision tower):
+    trunk tokens -> LayerNorm (ln_k); one learned query -> LayerNorm (ln_q); sequence-first multi-head attention
+    (8 heads, 512-d, keys/values 768-d); the single query's output -> ln_contrast. The file holds the whole
+    CoCa model: trunk, both poolers, the projection and the text tower."""
+    torch.manual_seed(4)
+    trunk = _make_input_matter(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0,
+                                                 global_pool="", img_size=448, depth=1)).eval()
+    pool = nn.Module()
+    pool.query = nn.Parameter(torch.randn(1, 512))
+    pool.attn = nn.MultiheadAttention(512, 8, kdim=768, vdim=768)
+    pool.ln_q, pool.ln_k = nn.LayerNorm(512), nn.LayerNorm(768)
+    ln_contrast = nn.LayerNorm(512)
     with torch.no_grad():
-        ours = encoder(tiles)
-    resized = torch.nn.functional.interpolate(tiles.float(), size=(224, 224), mode="bilinear", antialias=True)
-    assert torch.allclose(ours, _card_features(card, resized, norm, embed), rtol=1e-4, atol=1e-4)
+        for p in list(pool.parameters()) + list(ln_contrast.parameters()):
+            p.add_(torch.randn_like(p) * 0.5)
+    state = {**{f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()},
+             **{f"visual.attn_pool_contrast.{k}": v for k, v in pool.state_dict().items()},
+             **{f"visual.ln_contrast.{k}": v for k, v in ln_contrast.state_dict().items()},
+             "visual.proj_contrast": torch.randn(512, 512), "visual.attn_pool_caption.query": torch.randn(4, 768),
+             "visual.ln_caption.weight": torch.ones(768), "text.token_embedding.weight": torch.randn(10, 4),
+             "logit_scale": torch.tensor(1.0)}
+    return trunk, pool, ln_contrast, _save(state, tmp_path / "conch" / "pytorch_model.bin")
+
+
+def test_conch_gives_the_cards_512_d_image_embedding(tmp_path: Path) -> None:
+    trunk, pool, ln_contrast, weights = _conch_card(tmp_path)
+    for tile_px in (448, 512):
+        encoder = _fullslide_encoder(tmp_path, "conch", weights, tile_px, {"depth": 1})
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            tokens = trunk(_card_input(tiles, CLIP, resize(448, BICUBIC, crop=448)))  # [N, T, 768]
+            keys = pool.ln_k(tokens).permute(1, 0, 2)
+            query = pool.ln_q(pool.query).unsqueeze(1).expand(-1, tokens.shape[0], -1)
+            want = ln_contrast(pool.attn(query, keys, keys, need_weights=False)[0].permute(1, 0, 2)[:, 0])
+            ours = encoder(tiles)
+        assert ours.shape == (2, 512) and float((want[0] - want[1]).abs().max()) > 1e-1
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
+
+
+def test_clam_truncated_resnet50_is_layer3_average_pooled(tmp_path: Path) -> None:
+    """CLAM's baseline: the full ResNet-50 file (layer4 and fc included, as timm/torchvision ship it) loads; the
+    features are timm's own layer3 map of the card's 224 px input, averaged."""
+    torch.manual_seed(5)
+    full = timm.create_model("resnet50", pretrained=False).eval()
+    weights = _save(full.state_dict(), tmp_path / "model.safetensors")
+    truncated = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=(3,)).eval()
+    truncated.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("layer4", "fc"))})
+    for tile_px in (224, 256):
+        encoder = _fullslide_encoder(tmp_path, "resnet50-trunc", weights, tile_px, {})
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            want = truncated(_card_input(tiles, IMAGENET, resize((224, 224), crop=224)))[0].mean(dim=(2, 3))
+            ours = encoder(tiles)
+        assert ours.shape == (2, 1024) and float((want[0] - want[1]).abs().max()) > 1e-3
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-5), float((ours - want).abs().max())
+
+
+def test_every_recipe_has_a_card_check_and_its_stated_size() -> None:
+    """Each recipe is checked against its card above; the table's parameter counts are the built networks'."""
+    from fullslide.models.recipes import RECIPES
+    from fullslide.models.registry import recipe_parameter_count
+
+    checked = set(CARDS) | {"conch", "resnet50-trunc", "phikon", "phikon-v2"}
+    assert set(RECIPES) == checked, set(RECIPES) ^ checked
+    assert len(RECIPES) >= 20
+    for recipe in RECIPES.values():
+        assert abs(recipe_parameter_count(recipe) / 1e6 - recipe.params_m) < 0.1, recipe.name
 
 
 def _uni_state(**overrides) -> dict[str, torch.Tensor]:
@@ -249,3 +361,75 @@ def test_layer_classes_can_be_named_in_yaml_for_any_timm_model(tmp_path: Path) -
     encoder = build_model(load_config(config), 2).encoder
     assert any(type(m).__name__ == "GluMlp" for m in encoder.modules())  # SwiGLUPacked is a GluMlp partial
     assert encoder(torch.zeros(1, 3, 28, 28, dtype=torch.uint8)).shape == (1, 32)
+
+
+def test_hf_hub_config_json_gives_the_cards_mean_std_and_its_model_args(tmp_path: Path) -> None:
+    """A local ``config.json`` in timm's hub layout: its ``pretrained_cfg`` mean/std are used (UNI's are
+    ImageNet's, not the architecture's 0.5 default), ``model_args`` that repeat ``num_classes`` (Prov-GigaPath's)
+    build, and both spellings of the prefix work."""
+    import json
+
+    state = _uni_state()
+    weights = _save(state, tmp_path / "uni" / "pytorch_model.bin")
+    (tmp_path / "uni" / "config.json").write_text(json.dumps({
+        "architecture": "vit_large_patch16_224", "num_classes": 0,
+        "model_args": {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "depth": 1,
+                       "dynamic_img_size": True},
+        "pretrained_cfg": {"mean": list(IMAGENET[0]), "std": list(IMAGENET[1]), "interpolation": "bicubic"}}))
+    card = _make_input_matter(timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0,
+                                                init_values=1e-5, depth=1))
+    card.load_state_dict(state)
+    card.eval()
+    _save(card.state_dict(), weights)
+    tiles = _tiles(224)
+    want = _card_features(card, tiles, IMAGENET, cls)
+    for spelling in ("hf-hub:", "hf_hub:"):
+        encoder = _fullslide_encoder(tmp_path, f"{spelling}MahmoodLab/UNI", weights, 224, {})
+        with torch.no_grad():
+            ours = encoder(tiles)
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), float((ours - want).abs().max())
+    giga = tmp_path / "giga"
+    _save(timm.create_model("vit_giant_patch14_dinov2", pretrained=False, num_classes=0, img_size=224, patch_size=16,
+                            embed_dim=1536, depth=1, num_heads=24, init_values=1e-5, mlp_ratio=5.33334).state_dict(),
+          giga / "pytorch_model.bin")
+    (giga / "config.json").write_text(json.dumps({  # Prov-GigaPath's config.json, as its card ships it
+        "architecture": "vit_giant_patch14_dinov2", "num_classes": 0, "num_features": 1536, "global_pool": "token",
+        "model_args": {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                       "num_heads": 24, "init_values": 1e-05, "mlp_ratio": 5.33334, "num_classes": 0}}))
+    encoder = _fullslide_encoder(tmp_path, "hf_hub:prov-gigapath/prov-gigapath", giga / "pytorch_model.bin", 224,
+                                 {"depth": 1})
+    assert encoder.feature_dim == 1536
+
+
+def test_weight_errors_name_the_files_keys_and_give_consistent_hints(tmp_path: Path) -> None:
+    # an unknown wrapper prefix: one prefix hint, no LayerScale advice (every key is both missing and unexpected)
+    weights = _save({f"mystery.{k}": v for k, v in _uni_state().items()}, tmp_path / "prefixed.bin")
+    with pytest.raises(ModelError) as info:
+        _fullslide_encoder(tmp_path, "uni", weights, 224, {"depth": 1})
+    message = str(info.value)
+    assert "starts with 'mystery.'" in message and "LayerScale" not in message and "init_values" not in message
+    # a transformers-layout file with a tensor of the wrong shape: the error names the file's keys
+    import transformers
+
+    hf = transformers.ViTModel(transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                                      intermediate_size=256, image_size=224, patch_size=16))
+    state = _v4_names(dict(hf.state_dict()))  # the names Phikon's file carries
+    assert "encoder.layer.0.attention.attention.query.weight" in state
+    for part in ("query", "key", "value"):  # another model's width
+        state[f"encoder.layer.0.attention.attention.{part}.weight"] = torch.randn(32, 64)
+    weights = _save(state, tmp_path / "phikon.bin")
+    with pytest.raises(ModelError, match=r"'encoder\.layer\.0\.attention\.attention\.query\.weight \+ .*"
+                                         r"\(as blocks\.0\.attn\.qkv\.weight\)' has shape"):
+        _fullslide_encoder(tmp_path, "phikon", weights, 224, {"embed_dim": 64, "depth": 1, "num_heads": 4})
+
+
+def test_the_encoders_table_prints_without_torch_or_timm() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from fullslide.cli import main; main(['encoders']); "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'heavy import'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "resize 256 bicubic -> centre crop 224" in out.stdout and "attentional pooler" in out.stdout
+    assert sum(1 for line in out.stdout.splitlines() if "https://" in line) >= 20

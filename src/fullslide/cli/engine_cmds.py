@@ -171,17 +171,20 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
+    """The recipe table, from the records alone (no torch, no timm: instant)."""
     from fullslide.models.recipes import RECIPES
-    from fullslide.models.registry import recipe_parameter_count
 
-    print(f"{'name':<14} {'width':>5} {'input':>5} {'mpp':>4} {'params':>7}  {'embedding':<22} {'file (layout)':<32} source")
+    print(f"{'name':<15} {'width':>5} {'input':>5} {'mpp':>4} {'params':>7}  {'embedding':<22} "
+          f"{'card transform':<38} {'file (layout)':<36} source")
     for r in RECIPES.values():
         files = "/".join(r.files) + ("" if r.layout == "timm" else f" ({r.layout})")
         size = f"{r.input_px}" + ("" if r.dynamic_size else "*")
-        print(f"{r.name:<14} {r.width:>5} {size:>5} {r.mpp:>4g} {recipe_parameter_count(r) / 1e6:>6.0f}M  "
-              f"{r.pooling:<22} {files:<32} {r.source}")
-    print("* fixed input: tiles of another size are resized to it on the compute device (antialiased); the others "
-          "are resized too, as their cards' transforms do, unless encoder.kwargs sets img_size.")
+        embedding = r.pooling if r.pooling != "module" else {"conch": "attentional pooler", "resnet50_trunc":
+                                                              "layer3 average"}.get(r.builder, r.builder)
+        print(f"{r.name:<15} {r.width:>5} {size:>5} {r.mpp:>4g} {r.params_m:>6.0f}M  {embedding:<22} "
+              f"{r.transform():<38} {files:<36} {r.source}")
+    print("Tiles of any size are resized on the compute device as the card's transform does (resize, centre crop, "
+          "its kernel); * fixed input size.")
     print("Use: encoder: {name: uni, weights: /models/uni/pytorch_model.bin}. fullslide never downloads weights.")
     return 0
 

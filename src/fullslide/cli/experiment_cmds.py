@@ -57,6 +57,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         elif name == "stain-shift":
             q.add_argument("--arms", default=",".join(("none", "hed", "macenko", "reinhard")),
                            help="arms among none, hed, macenko, reinhard (all four)")
+            q.add_argument("--signal", choices=("diffuse", "focal"), default=None,
+                           help="cohort signal (diffuse: more nuclei and a bluer tint, partly a colour cue; focal: "
+                                "lesions of denser, larger nuclei) (diffuse)")
             q.add_argument("--site-shift", type=float, default=None,
                            help="how far sites B and C stain from site A (0.35; see `fullslide synth --site-shift`)")
         else:
@@ -115,6 +118,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         settings = stain_shift.Settings.quick() if args.quick else stain_shift.Settings()
         if args.site_shift is not None:
             settings = dataclasses.replace(settings, site_shift=args.site_shift)
+        if args.signal is not None:
+            settings = dataclasses.replace(settings, signal=args.signal)
         report = stain_shift.run(args.out, seeds=args.seeds, seed_offset=args.seed_offset, quick=args.quick,
                                  arms=tuple(_choices("--arms", args.arms, stain_shift.ARMS)), settings=settings)
     else:

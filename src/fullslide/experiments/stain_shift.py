@@ -40,6 +40,8 @@ class Settings:
 
     slides: int = 48
     size: int = 2048
+    signal: str = "diffuse"
+    diffuse_strength: float = 0.5
     lesion_fraction: float = 0.05
     lesion_contrast: float = 0.6
     site_shift: float = 0.35
@@ -59,8 +61,9 @@ class Settings:
 
 
 def _cohort_spec(s: Settings) -> CohortSpec:
-    return CohortSpec(slides=s.slides, size=s.size, signal="focal", lesion_fraction=s.lesion_fraction,
-                      lesion_contrast=s.lesion_contrast, stain_variation=s.stain_variation, seed=s.cohort_seed)
+    return CohortSpec(slides=s.slides, size=s.size, signal=s.signal, lesion_fraction=s.lesion_fraction,
+                      lesion_contrast=s.lesion_contrast, diffuse_strength=s.diffuse_strength,
+                      stain_variation=s.stain_variation, seed=s.cohort_seed)
 
 
 def site_splits(labels: Path, out: Path) -> Path:

@@ -106,22 +106,40 @@ class TinyCNN(nn.Module):
 
 
 class RecipeBackbone(nn.Module):
-    """A timm ViT as a foundation-model card uses it: normalised tiles -> resize to the card's input -> tokens ->
-    the card's embedding ``[N, D]`` (class token, or class token + patch-token mean without registers)."""
+    """A network as a foundation-model card uses it: normalised tiles -> the card's resize (and centre crop) ->
+    tokens (or a feature map) -> the card's embedding ``[N, D]`` (class token, class token + patch-token mean
+    without registers, or the network's own pooling, ``pooling="module"``)."""
 
-    def __init__(self, model: nn.Module, pooling: str, input_px: int) -> None:
+    def __init__(self, model: nn.Module, pooling: str, input_px: int, *, resize_px: int | None = None,
+                 interpolation: str = "bilinear") -> None:
         super().__init__()
         from fullslide.models.recipes import POOLINGS
 
         self.model = model
         self.pooling = pooling
         self.input_px = int(input_px)
-        self._pool = POOLINGS[pooling]
+        self.resize_px = int(resize_px) if resize_px else None
+        self.interpolation = interpolation
+        self._pool = None if pooling == "module" else POOLINGS[pooling]
         self.num_features = int(model.num_features) * (2 if pooling == "class_token+patch_mean" else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.input_px, self.input_px):  # on the compute device, antialiased
-            x = torch.nn.functional.interpolate(x, size=(self.input_px, self.input_px), mode="bilinear",
-                                                align_corners=False, antialias=True)
-        tokens = self.model.forward_features(x)  # [N, T, D], after the final norm
-        return self._pool(tokens, int(getattr(self.model, "num_prefix_tokens", 1)))  # [N, D']
+        x = card_resize(x, self.input_px, self.resize_px, self.interpolation)
+        features = self.model.forward_features(x)  # [N, T, D] after the final norm (or [N, C, H, W])
+        if self._pool is None:
+            return self.model.pool(features)
+        return self._pool(features, int(getattr(self.model, "num_prefix_tokens", 1)))  # [N, D']
+
+
+def card_resize(x: torch.Tensor, input_px: int, resize_px: int | None = None,
+                interpolation: str = "bilinear") -> torch.Tensor:
+    """A model card's ``Resize(resize_px or input_px)`` (+ ``CenterCrop(input_px)`` when ``resize_px`` is set) on
+    square ``[N, C, H, W]`` tiles, on their device, antialiased as torchvision resizes tensors and PIL images."""
+    target = resize_px or input_px
+    if x.shape[-2:] != (target, target):
+        x = torch.nn.functional.interpolate(x, size=(target, target), mode=interpolation, align_corners=False,
+                                            antialias=True)
+    if target != input_px:
+        top = int(round((target - input_px) / 2.0))  # torchvision's centre crop offset
+        x = x[..., top:top + input_px, top:top + input_px]
+    return x

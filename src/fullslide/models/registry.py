@@ -98,6 +98,8 @@ def create_encoder(
     recipe's or timm's arguments (e.g. ``depth`` for small tests). Weights load strictly unless ``strict=False``.
     """
     norm_mean, norm_std = IMAGENET_MEAN, IMAGENET_STD
+    if name.startswith("hf_hub:"):  # timm accepts both spellings (Prov-GigaPath's card writes hf_hub:)
+        name = "hf-hub:" + name[len("hf_hub:"):]
     recipe = get_recipe(name)
     if recipe is not None:
         return _create_recipe(recipe, weights=weights, drop_path_rate=drop_path_rate, strict=strict,
@@ -138,15 +140,27 @@ def _create_recipe(recipe: Recipe, *, weights: str | Path | None, drop_path_rate
 
     timm = import_timm()
     try:
-        model = timm.create_model(recipe.arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
-                                  **recipe.timm_kwargs(overrides))
+        model = build_recipe_network(timm, recipe, overrides, drop_path_rate=drop_path_rate)
     except Exception as exc:
         raise ModelError(f"encoder '{recipe.name}': timm could not build {recipe.arch} "
                          f"({type(exc).__name__}: {exc})".splitlines()[0]) from exc
     if weights is not None:
         load_encoder_weights(model, weights, layout=recipe.layout, strict=strict)
-    backbone = RecipeBackbone(model, recipe.pooling, recipe.input_size(overrides))
+    backbone = RecipeBackbone(model, recipe.pooling, recipe.input_size(overrides), resize_px=recipe.resize_px,
+                              interpolation=recipe.interpolation)
     return TileEncoder(backbone, backbone.num_features, mean or recipe.mean, std or recipe.std, name=recipe.name)
+
+
+def build_recipe_network(timm: Any, recipe: Recipe, overrides: dict[str, Any] | None = None, *,
+                         drop_path_rate: float = 0.0) -> nn.Module:
+    """The network of a recipe (random weights): ``timm.create_model`` or the recipe's builder."""
+    kwargs = recipe.timm_kwargs(overrides)
+    if recipe.builder == "timm":
+        return timm.create_model(recipe.arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                 **kwargs)
+    from fullslide.models.recipe_modules import BUILDERS
+
+    return BUILDERS[recipe.builder](timm, recipe.arch, kwargs, drop_path_rate)
 
 
 def recipe_parameter_count(recipe: Recipe) -> int:
@@ -155,18 +169,20 @@ def recipe_parameter_count(recipe: Recipe) -> int:
 
     timm = import_timm()
     with torch.device("meta"):
-        model = timm.create_model(recipe.arch, pretrained=False, num_classes=0, **recipe.timm_kwargs())
+        model = build_recipe_network(timm, recipe)
     return sum(p.numel() for p in model.parameters())
 
 
-def _hub_config(name: str, weights: str | Path) -> tuple[str, dict[str, Any]]:
-    """(architecture, model_args) of an ``hf-hub:`` model from the ``config.json`` beside a local weights file."""
+def _hub_config(name: str, weights: str | Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, model_args, pretrained_cfg) of an ``hf-hub:`` model from the ``config.json`` beside a local
+    weights file (timm's hub layout: the card's mean/std live in ``pretrained_cfg``)."""
     import json
 
     config = Path(weights).parent / "config.json"
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
-        return str(data["architecture"]), dict(data.get("model_args") or {})
+        return (str(data["architecture"]), dict(data.get("model_args") or {}),
+                dict(data.get("pretrained_cfg") or {}))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"encoder '{name}' with the local file {weights}: fullslide makes no network call, so it "
                          f"needs the card's config.json beside the file ({config}: {exc}); or name a recipe "
@@ -180,8 +196,9 @@ def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: f
 
     timm = import_timm()
     hub = name.startswith("hf-hub:")
+    hub_cfg: dict[str, Any] = {}
     if hub and local_weights is not None:  # build from the card's config beside the file: no network
-        name, model_args = _hub_config(name, local_weights)
+        name, model_args, hub_cfg = _hub_config(name, local_weights)
         kwargs = {**model_args, **kwargs}
         hub = False
     if not hub and not timm.is_model(name):
@@ -191,12 +208,17 @@ def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: f
     from fullslide.models.recipes import resolve_layer
 
     kwargs = {k: resolve_layer(v) if k in ("mlp_layer", "act_layer", "norm_layer") else v for k, v in kwargs.items()}
-    base = dict(pretrained=hub, num_classes=0, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
+    # the card's model_args may repeat what fullslide sets (Prov-GigaPath's holds num_classes: 0): theirs win,
+    # then the user's encoder.kwargs
+    base = {"pretrained": hub, "num_classes": 0, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate, **kwargs}
     try:
         try:  # ViT-style models take img_size so that tiles other than 224 px work; CNNs do not accept it
-            return timm.create_model(name, img_size=tile_px, **base)
+            model = timm.create_model(name, **({"img_size": tile_px} | base if "img_size" not in base else base))
         except TypeError:
-            return timm.create_model(name, **base)
+            model = timm.create_model(name, **{k: v for k, v in base.items() if k != "img_size"})
+        if hub_cfg:  # mean/std (and the rest) as the card's config.json gives them, not timm's defaults
+            model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **hub_cfg}
+        return model
     except ModelError:
         raise
     except Exception as exc:

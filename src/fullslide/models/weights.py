@@ -58,8 +58,10 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path}: no tensors found (expected a state dict of parameter tensors)")
 
 
-def strip_prefixes(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Keys with wrapper prefixes removed until they match ``own`` (a teacher's copy preferred to a student's)."""
+def strip_prefixes(state: Mapping[str, torch.Tensor], own: Mapping[str, Any],
+                   origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Keys with wrapper prefixes removed until they match ``own`` (a teacher's copy preferred to a student's);
+    ``origin`` (if given) maps each new key to the file's key."""
     if any(k.startswith("teacher.") for k in state):
         state = {k: v for k, v in state.items() if not k.startswith("student.")}
     out: dict[str, torch.Tensor] = {}
@@ -71,6 +73,8 @@ def strip_prefixes(state: Mapping[str, torch.Tensor], own: Mapping[str, Any]) ->
                 break
             k = k[len(prefix):]
         out[k] = value
+        if origin is not None:
+            origin[k] = origin.get(key, key)
     return out
 
 
@@ -89,50 +93,76 @@ _HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings"
            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
 
 
-def hf_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_to_timm(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """transformers ``ViTModel`` (Phikon) or ``Dinov2Model`` (Phikon-v2) keys -> timm ``VisionTransformer`` keys:
     layer-wise renames, q/k/v fused into ``qkv`` (timm stacks them along the output dim), LayerScale ``lambda1``
-    -> ``gamma``. Both the v4 names the model cards ship and transformers v5 names are understood."""
+    -> ``gamma``. Both the v4 names the model cards ship and transformers v5 names are understood. ``origin``
+    (if given) receives converted key -> the file's key(s), for error messages."""
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = re.sub(r"^(vit|dinov2|model)\.", "", key)
+    source: dict[str, str] = {}
+    for original, value in state.items():
+        key = re.sub(r"^(vit|dinov2|model)\.", "", original)
         m = re.match(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
         if m is None:
-            out[_HF_TOP.get(key, key)] = value
-            continue
-        i, module, kind = m.groups()
-        qkv = next(((names, names.index(module)) for names in _HF_QKV if module in names), None)
-        if qkv is not None:
-            out[f"blocks.{i}.qkv_part{qkv[1]}.{kind}"] = value
-        elif module in _HF_LAYER:
-            out[f"blocks.{i}.{_HF_LAYER[module]}.{'gamma' if kind == 'lambda1' else kind}"] = value
+            new = _HF_TOP.get(key, key)
         else:
-            out[key] = value  # left as is: reported as unexpected by the strict check
+            i, module, kind = m.groups()
+            qkv = next(((names, names.index(module)) for names in _HF_QKV if module in names), None)
+            if qkv is not None:
+                new = f"blocks.{i}.qkv_part{qkv[1]}.{kind}"
+            elif module in _HF_LAYER:
+                new = f"blocks.{i}.{_HF_LAYER[module]}.{'gamma' if kind == 'lambda1' else kind}"
+            else:
+                new = original  # left as is: reported as unexpected by the strict check
+        out[new], source[new] = value, original
     for key in [k for k in out if ".qkv_part0." in k]:
-        parts = [out.pop(key.replace("qkv_part0", f"qkv_part{j}"), None) for j in range(3)]
-        if all(p is not None for p in parts):
-            out[key.replace("qkv_part0", "attn.qkv")] = torch.cat(parts)
+        names = [key.replace("qkv_part0", f"qkv_part{j}") for j in range(3)]
+        if all(n in out for n in names) and len({tuple(out[n].shape[1:]) for n in names}) == 1:
+            fused = key.replace("qkv_part0", "attn.qkv")
+            out[fused] = torch.cat([out.pop(n) for n in names])
+            source[fused] = " + ".join(source.pop(n) for n in names)
+    if origin is not None:
+        origin.update(source)
     return out
 
 
-def conch_visual_trunk(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CONCH's full checkpoint (vision, text, poolers) -> its vision trunk (``visual.trunk.*``) in timm layout."""
-    prefix = "visual.trunk."
-    trunk = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return trunk or dict(state)
+#: CONCH's file holds the whole CoCa model: the image embedding needs the trunk, the contrastive pooler and its
+#: LayerNorm; the text tower, the captioning pooler and the contrastive projection are not part of it.
+_CONCH_KEEP = ("visual.trunk.", "visual.attn_pool_contrast.", "visual.ln_contrast.")
+
+
+def conch_visual(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CONCH's full checkpoint -> its image embedding's tensors (``trunk.*``, ``attn_pool_contrast.*``,
+    ``ln_contrast.*``); a file without ``visual.`` keys is returned as is (and reported by the strict check)."""
+    kept = {k[len("visual."):]: v for k, v in state.items() if k.startswith(_CONCH_KEEP)}
+    return kept or dict(state)
+
+
+def resnet_trunc(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full ResNet's file -> the tensors of its stem and first three stages (``layer4``/``fc`` are not used)."""
+    return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
 
 
 CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "timm": dict,
-    "conch": conch_visual_trunk,
+    "conch": conch_visual,
     "hf_vit": hf_to_timm,
     "hf_dinov2": hf_to_timm,
+    "resnet_trunc": resnet_trunc,
 }
 
 
-def _hints(missing: list[str], unexpected: list[str]) -> str:
-    """What would fix a mismatch, where the keys say so."""
+def _hints(missing: list[str], unexpected: list[str], *, nothing_matched: bool = False) -> str:
+    """What would fix a mismatch, where the keys say so. When nothing matched, only layout and prefix hints apply
+    (every key is both missing and unexpected, so a LayerScale hint would contradict itself)."""
     hints = []
+    if nothing_matched:
+        heads = {k.split(".", 1)[0] + "." for k in unexpected if "." in k}
+        if len(heads) == 1 and len(unexpected) > 3:
+            hints.append(f"every key of the file starts with '{heads.pop()}': a wrapper prefix fullslide does not know")
+        if any(k.startswith(("encoder.layer.", "layers.", "embeddings.")) for k in unexpected):
+            hints.append("the file is in the transformers layout: use a recipe that converts it (phikon, phikon-v2)")
+        return ("; hint: " + "; ".join(hints)) if hints else ""
     if any(".ls1." in k or ".ls2." in k for k in unexpected):
         hints.append("the file has LayerScale tensors (ls1/ls2): build with init_values (e.g. encoder.kwargs: "
                      "{init_values: 1.0e-5})")
@@ -154,19 +184,28 @@ def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "
     if layout not in CONVERTERS:
         raise ModelError(f"unknown weight layout '{layout}' (known: {', '.join(CONVERTERS)})")
     own = module.state_dict()
-    state = strip_prefixes(CONVERTERS[layout](read_tensors(path)), own)
+    origin: dict[str, str] = {}
+    raw = read_tensors(path)
+    converted = hf_to_timm(raw, origin) if CONVERTERS[layout] is hf_to_timm else CONVERTERS[layout](raw)
+    state = strip_prefixes(converted, own, origin)
     state = {k: v for k, v in state.items() if k in own or not IGNORED.match(k)}
     matched = [k for k in state if k in own]
+
+    def named(k: str) -> str:  # the file's own key (and what fullslide made of it, where they differ)
+        own_key = origin.get(k, k)
+        return own_key if own_key == k else f"{own_key} (as {k})"
+
     if not matched:
         raise ModelError(f"{path}: none of its {len(state)} tensors match the encoder's parameter names "
-                         f"(file: {', '.join(list(state)[:3])}, ...; encoder: {', '.join(list(own)[:3])}, ...)"
-                         + _hints(list(own), list(state)))
+                         f"(file: {', '.join(origin.get(k, k) for k in list(state)[:3])}, ...; encoder: "
+                         f"{', '.join(list(own)[:3])}, ...)"
+                         + _hints(list(own), [origin.get(k, k) for k in state], nothing_matched=True))
     for k in matched:
         if tuple(state[k].shape) != tuple(own[k].shape):
-            raise ModelError(f"{path}: tensor '{k}' has shape {tuple(state[k].shape)}, the encoder expects "
+            raise ModelError(f"{path}: tensor '{named(k)}' has shape {tuple(state[k].shape)}, the encoder expects "
                              f"{tuple(own[k].shape)} (another model size or input size? check the recipe kwargs)")
     missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    unexpected = [origin.get(k, k) for k in state if k not in own]
     if missing or unexpected:
         what = (f"{len(missing)} encoder tensors missing from the file ({', '.join(missing[:10])})" if missing else "")
         what += ("; " if missing and unexpected else "") + (

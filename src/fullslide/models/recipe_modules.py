@@ -1,0 +1,91 @@
+"""Networks of the recipes that are not a plain timm ViT with a token pooling: their parameter names follow the
+released checkpoints' keys (so the files load strictly), their structure the model papers and cards.
+
+- ``conch``: CONCH's vision tower as ``encode_image(proj_contrast=False, normalize=False)`` computes it (Lu et al.
+  2024, Nat. Med.; CoCa's attentional pooling, Yu et al. 2022): the ViT-B/16 trunk's tokens (after its final
+  norm), one learned query attending over them (8 heads, 512-d queries, 768-d keys/values; LayerNorms on the
+  query and on the tokens), then ``ln_contrast``: ``[N, 512]``.
+- ``resnet50_trunc``: CLAM's ImageNet baseline (Lu et al. 2021): ResNet-50 up to layer3 (1024 channels), the map
+  averaged over space.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+class AttentionalPool(nn.Module):
+    """``queries`` learned queries of width ``dim`` attend over tokens of width ``context_dim``: ``[N, T, C]`` ->
+    ``[N, queries, dim]``; LayerNorm on the queries (``ln_q``) and on the tokens (``ln_k``)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, queries: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, dim) * dim**-0.5)
+        self.attn = nn.MultiheadAttention(dim, heads, kdim=context_dim, vdim=context_dim)  # sequence-first
+        self.ln_q = nn.LayerNorm(dim)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        keys = self.ln_k(tokens).transpose(0, 1)  # [T, N, C]
+        queries = self.ln_q(self.query).unsqueeze(1).expand(-1, tokens.shape[0], -1)  # [Q, N, D]
+        out, _ = self.attn(queries, keys, keys, need_weights=False)
+        return out.transpose(0, 1)  # [N, Q, D]
+
+
+class ConchVisual(nn.Module):
+    """CONCH's trunk + contrastive attentional pooler + ``ln_contrast`` (keys as in the card's file, less
+    ``visual.``)."""
+
+    def __init__(self, trunk: nn.Module, dim: int = 512, heads: int = 8) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = AttentionalPool(dim, int(trunk.num_features), heads, 1)
+        self.ln_contrast = nn.LayerNorm(dim)
+        self.num_features = dim
+        self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_features(x)  # [N, T, 768], after the trunk's final norm
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, 512]
+
+
+class TruncatedResNet(nn.Module):
+    """A timm ResNet's stem and first three stages (parameter names as in the full network's file)."""
+
+    def __init__(self, resnet: nn.Module) -> None:
+        super().__init__()
+        for name in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3"):
+            setattr(self, name, getattr(resnet, name))
+        self.num_features = int(self.layer3[-1].conv3.out_channels if hasattr(self.layer3[-1], "conv3")
+                                else self.layer3[-1].conv2.out_channels)
+        self.num_prefix_tokens = 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))  # [N, 1024, H/16, W/16]
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.mean(dim=(2, 3))
+
+
+def _conch(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    trunk = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path_rate,
+                              **kwargs)
+    return ConchVisual(trunk)
+
+
+def _resnet50_trunc(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    return TruncatedResNet(timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                             **kwargs))
+
+
+#: Recipe ``builder`` -> (timm module, timm architecture, kwargs, drop_path_rate) -> network.
+BUILDERS: dict[str, Callable[[Any, str, dict[str, Any], float], nn.Module]] = {
+    "conch": _conch,
+    "resnet50_trunc": _resnet50_trunc,
+}
