@@ -64,7 +64,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="run the scenarios of fullslide.proof.suite instead of one check (model options ignored)")
     p.add_argument("--encoder", default="tinycnn", help="encoder name: tinycnn, a timm name, or package.module:callable")
     p.add_argument("--weights", default=None, help="local encoder weights (.safetensors/.pth/.bin)")
-    p.add_argument("--aggregator", default="gma", help="gma, abmil, mean, max, transformer or package.module:callable")
+    p.add_argument("--aggregator", default="gma",
+                   help="gma, abmil, mean, max, transformer, chief or package.module:callable")
+    p.add_argument("--aggregator-kwargs", type=_yaml_mapping, default={},
+                   help="aggregator arguments as YAML, e.g. '{alibi: true}' (transformer with 2-D ALiBi over the "
+                        "tiles' positions) or '{positional: true}' (gma)")
     p.add_argument("--tile-size", type=int, default=32, help="tile side in pixels")
     p.add_argument("--tiles", type=_int_list, default=[24, 17, 9, 30], help="K per slide, comma-separated, cycled")
     p.add_argument("--slides", type=int, default=4, help="slides per step")
@@ -138,7 +142,7 @@ def cmd_check_grad(args: argparse.Namespace) -> int:
             micro_batches=args.micro_batches, probes=not args.no_probes, seed=args.seed, device=device,
             modes=args.mode, tile_parallel=args.tile_parallel, encoder_kwargs=args.encoder_kwargs,
             trainable_blocks=args.trainable_blocks, lora_rank=args.lora_rank, grad_checkpointing=args.grad_checkpointing,
-            layer_decay=args.layer_decay,
+            layer_decay=args.layer_decay, aggregator_kwargs=args.aggregator_kwargs,
         )]
     rows, refs = run_checks(specs, args.nproc, args.tol, progress=lambda m: print(m, file=sys.stderr))
     mem = "peak_cuda_MB" if device == "cuda" else "peak_rss_MB"
@@ -185,6 +189,9 @@ def cmd_encoders(args: argparse.Namespace) -> int:
               f"{r.transform():<38} {files:<36} {r.source}")
     print("Tiles of any size are resized on the compute device as the card's transform does (resize, centre crop, "
           "its kernel); * fixed input size.")
+    print("Slide encoders (aggregator.name, fine-tuned with the tile encoder): chief - CHIEF's (768-d tile features, "
+          "pretrained on CTransPath's; aggregator.weights: CHIEF_pretraining.pth, https://github.com/hms-dbmi/CHIEF). "
+          "Spatial aggregators: transformer {alibi: true}, gma {positional: true}.")
     print("Use: encoder: {name: uni, weights: /models/uni/pytorch_model.bin}. fullslide never downloads weights.")
     return 0
 

@@ -37,6 +37,15 @@ class SlideSource:
     stain: Mapping[str, Any] | None = None  # this slide's fitted stain statistics (data.stain_normalize)
 
 
+def tile_positions(source: SlideSource) -> torch.Tensor:
+    """Every tile's place on the slide's tile grid, float32 ``[N, 2]``: level-0 (x, y) / the tile's level-0 side
+    (what a spatial aggregator receives), in the order of the slide's coordinates file."""
+    from fullslide.slides import read_coords
+
+    coords, geometry = read_coords(source.coords_h5)
+    return torch.from_numpy(np.asarray(coords, dtype=np.float64) / float(geometry.level0_px)).float()
+
+
 def _one_line(exc: BaseException, source: SlideSource) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if source.path in text or source.slide_id in text else f"{source.path}: {text}"

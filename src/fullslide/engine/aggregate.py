@@ -12,6 +12,9 @@ the same on every rank of a tile-parallel group (each runs the aggregator on all
            chunk by chunk with the analytic gradients of attention pooling:
            dL/dh_k = w_k dL/dz,  dL/da_k = w_k (h_k - z) . dL/dz.  Memory ~ K scalars + one chunk.
 Both give the same gradient (up to float rounding): the tests and ``check-grad`` compare them.
+
+Spatial aggregators (``uses_positions``) get ``positions`` ``[K, 2]`` (the tiles' places on the slide's tile grid,
+in the order of ``feats``): whole, or the chunk's rows for each tile-stage call.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from fullslide.engine.mesh import chunk_bounds
 from fullslide.engine.rng import AGGREGATOR_CHUNK, aggregator_tile_chunk, derive_seed, seeded
+from fullslide.models.aggregators import run_aggregator, run_tile_stage
 
 #: Default tile-stage chunk of attention pooling.
 AGGREGATOR_CHUNK_TILES = 1024
@@ -33,18 +37,22 @@ def is_attention_pooling(aggregator: nn.Module) -> bool:
     return callable(getattr(aggregator, "tile_stage", None)) and callable(getattr(aggregator, "pool_head", None))
 
 
+def _rows(positions: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if positions is None else positions[start:stop]
+
+
 def aggregate_graph(
     aggregator: nn.Module, feats: torch.Tensor, *, aggregator_chunk_tiles: int, step_seed: int, slide_index: int,
-    device: torch.device,
+    device: torch.device, positions: torch.Tensor | None = None,
 ):  # -> AggregatorOutput
     """The aggregator on ``[K, D]`` with autograd, seeded exactly as the streamed path is."""
     if not is_attention_pooling(aggregator):
         with seeded(derive_seed(step_seed, slide_index, AGGREGATOR_CHUNK), device):
-            return aggregator(feats)
+            return run_aggregator(aggregator, feats, positions)
     hs, scores = [], []
     for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], aggregator_chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
-            h, a = aggregator.tile_stage(feats[start:stop])
+            h, a = run_tile_stage(aggregator, feats[start:stop], _rows(positions, start, stop))
         hs.append(h)
         scores.append(a)
     h, a = torch.cat(hs), torch.cat(scores)  # [K, H], [K]
@@ -72,7 +80,7 @@ class StreamedPool:
 
 def stream_forward(
     aggregator: nn.Module, feats: torch.Tensor, *, aggregator_chunk_tiles: int, step_seed: int, slide_index: int,
-    device: torch.device,
+    device: torch.device, positions: torch.Tensor | None = None,
 ) -> StreamedPool:
     """Tile stage chunk by chunk without a graph (online softmax), then the head on a leaf ``z``."""
     k = feats.shape[0]
@@ -84,7 +92,7 @@ def stream_forward(
     with torch.no_grad():
         for c, (start, stop) in enumerate(chunk_bounds(k, aggregator_chunk_tiles)):
             with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
-                h, a = aggregator.tile_stage(feats[start:stop])
+                h, a = run_tile_stage(aggregator, feats[start:stop], _rows(positions, start, stop))
             h, a = h.float(), a.float()
             scores[start:stop] = a
             tile_scores = aggregator.tile_scores(h) if callable(getattr(aggregator, "tile_scores", None)) else None
@@ -105,7 +113,7 @@ def stream_forward(
 
 def stream_backward(
     aggregator: nn.Module, feats: torch.Tensor, pool: StreamedPool, *, aggregator_chunk_tiles: int, step_seed: int,
-    slide_index: int, device: torch.device,
+    slide_index: int, device: torch.device, positions: torch.Tensor | None = None,
 ) -> None:
     """Accumulate tile-stage ``.grad`` and ``feats.grad`` (``feats`` is a leaf) from ``pool.z.grad``."""
     dz = pool.z.grad  # [H]
@@ -114,7 +122,7 @@ def stream_backward(
     z_dot = torch.dot(pool.z.detach(), dz)
     for c, (start, stop) in enumerate(chunk_bounds(feats.shape[0], aggregator_chunk_tiles)):
         with seeded(derive_seed(step_seed, slide_index, aggregator_tile_chunk(c)), device):
-            h, a = aggregator.tile_stage(feats[start:stop])  # same seed: same dropout masks as phase 3a
+            h, a = run_tile_stage(aggregator, feats[start:stop], _rows(positions, start, stop))  # same masks as 3a
         w = torch.exp(pool.scores[start:stop] - pool.lse)  # [k] softmax weights, constants
         outputs, grads = [h], [(w[:, None] * dz).to(h.dtype)]
         if a.requires_grad:

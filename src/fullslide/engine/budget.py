@@ -75,9 +75,9 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Probe]]" = weakref.Wea
 
 
 def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
-             amp_dtype: torch.dtype | None) -> tuple[int, int, int]:
-    """(bytes held for backward after ``module(sample)``, peak bytes during it, the output's last dimension)
-    under a forked RNG, with the module's buffers restored afterwards."""
+             amp_dtype: torch.dtype | None, *extra: torch.Tensor) -> tuple[int, int, int]:
+    """(bytes held for backward after ``module(sample, *extra)``, peak bytes during it, the output's last
+    dimension) under a forked RNG, with the module's buffers restored afterwards."""
     from fullslide.engine.memory import SavedTensorMeter
     from fullslide.engine.recompute import autocast_ctx
 
@@ -88,14 +88,14 @@ def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
             before = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
             with torch.enable_grad(), autocast_ctx(device, amp_dtype):
-                out = module(sample)
+                out = module(sample, *extra)
             torch.cuda.synchronize(device)
             held = torch.cuda.memory_allocated(device) - before
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
             meter = SavedTensorMeter()
             with meter, torch.enable_grad(), autocast_ctx(device, amp_dtype):
-                out = module(sample)
+                out = module(sample, *extra)
             held, peak = meter.current_bytes, meter.peak_bytes
         width = int(out.shape[-1]) if isinstance(out, torch.Tensor) else 0
         del out  # frees the probe's graph
@@ -126,7 +126,10 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
     agg = 0.0
     if aggregator is not None:
         m = 256
-        agg_held, _, _ = _measure(aggregator, torch.zeros((m, feature_dim), device=device).requires_grad_(), device, None)
+        spatial = (torch.stack([torch.arange(m, device=device) % 16, torch.arange(m, device=device) // 16], 1).float(),
+                   ) if getattr(aggregator, "uses_positions", False) else ()  # a spatial aggregator: 16-wide grid
+        agg_held, _, _ = _measure(aggregator, torch.zeros((m, feature_dim), device=device).requires_grad_(), device, None,
+                                  *spatial)
         agg = agg_held / m
     probe = Probe(graph_bytes_per_tile=max(per_tile, 1 / n), transient_bytes_per_tile=transient,
                   feature_dim=feature_dim, source="cuda allocator" if device.type == "cuda" else "saved-tensor hooks",

@@ -38,6 +38,7 @@ from fullslide.engine.collectives import ParallelContext, all_gather_rows, all_r
 from fullslide.engine.mesh import chunk_bounds, rank_chunk_range, rank_tile_range
 from fullslide.engine.recompute import MODES, Mode, autocast_ctx
 from fullslide.errors import FullslideError
+from fullslide.models.aggregators import run_aggregator
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,7 +57,9 @@ class Bag:
     ``index`` is the slide's row in the step's ``targets``. ``context`` ``[M, D]`` are feature rows of the
     slide's other tiles (whole-slide context, e.g. a feature cache): the aggregator sees the slide as the K fresh
     rows followed by these M rows, which get no encoder pass and no gradient; every rank of the slide's
-    tile-parallel group passes the same rows.
+    tile-parallel group passes the same rows. ``positions`` ``[k_total, 2]`` (all K tiles, in the slide's order,
+    on every rank of the group) and ``context_positions`` ``[M, 2]`` place the tiles on the slide's tile grid for
+    a spatial aggregator (``aggregator.uses_positions``); others ignore them.
     """
 
     index: int
@@ -64,6 +67,8 @@ class Bag:
     k_total: int | None = None
     features: torch.Tensor | None = None
     context: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    context_positions: torch.Tensor | None = None
 
     @property
     def n_context(self) -> int:
@@ -214,13 +219,16 @@ def step(
         fresh = gather_features(ctx, items, local, chunk_tiles, feature_dim)
         feats = [(torch.cat([f, b.context.to(device, f.dtype)]) if b.n_context else f).detach().requires_grad_()
                  for b, f in zip(items, fresh)]  # [K + M, D]
+        spatial = bool(getattr(aggregator, "uses_positions", False))
+        positions = [_positions(b, device) if spatial else None for b in items]  # [K + M, 2]
         # Phase 3: aggregator on every slide (replicated within the group), loss over the whole step.
         all_kept = plan is None or plan.recomputed_chunks == 0
         streamed = (mode == "recompute" or (mode == "auto" and not all_kept)) and is_attention_pooling(aggregator)
         agg_kw = dict(aggregator_chunk_tiles=aggregator_chunk_tiles, step_seed=step_seed, device=device)
         outs = [
-            (stream_forward if streamed else aggregate_graph)(aggregator, f, slide_index=b.index, **agg_kw)
-            for b, f in zip(items, feats)
+            (stream_forward if streamed else aggregate_graph)(aggregator, f, slide_index=b.index, positions=pos,
+                                                             **agg_kw)
+            for b, f, pos in zip(items, feats, positions)
         ]
         n_classes = outs[0].logits.numel() if outs else _n_classes(model, feature_dim, device)
         rows = torch.zeros((n_total, n_classes), device=device)
@@ -238,8 +246,8 @@ def step(
                 [o.logits for o in outs], [grad_logits[b.index].to(o.logits.dtype) for b, o in zip(items, outs)]
             )
         if streamed:  # re-run the tile stage chunk by chunk: aggregator grads and dLoss/dFeatures
-            for b, f, o in zip(items, feats, outs):
-                stream_backward(aggregator, f, o, slide_index=b.index, **agg_kw)
+            for b, f, o, pos in zip(items, feats, outs, positions):
+                stream_backward(aggregator, f, o, slide_index=b.index, positions=pos, **agg_kw)
         # Every rank of a group holds the same aggregator gradient (replicated aggregator): keep rank 0's copy
         # only, so the world sum counts it once. Done here, before phase 4, so that the encoder-side gradient of
         # a parameter tied between encoder and aggregator, which every rank adds for its own tiles, is kept.
@@ -297,10 +305,23 @@ def _plan_auto(model: nn.Module, items: list[Bag], chunk_lists: list[list[tuple[
     return plan, keep
 
 
+def _positions(bag: Bag, device: torch.device) -> torch.Tensor:
+    """The K tiles' positions then the context rows', ``[K + M, 2]`` float32 (a spatial aggregator needs them)."""
+    if bag.positions is None or bag.positions.shape[0] != bag.k_total:
+        raise ValueError(f"slide {bag.index}: the aggregator uses tile positions: give Bag.positions [{bag.k_total}, 2]")
+    parts = [bag.positions]
+    if bag.n_context:
+        if bag.context_positions is None or bag.context_positions.shape[0] != bag.n_context:
+            raise ValueError(f"slide {bag.index}: give Bag.context_positions [{bag.n_context}, 2] for its context rows")
+        parts.append(bag.context_positions)
+    return torch.cat([p.to(device, torch.float32) for p in parts])
+
+
 def _n_classes(model: nn.Module, feature_dim: int, device: torch.device) -> int:
     """Logit width for a rank with no slide this step (run the aggregator on one dummy feature)."""
     with torch.no_grad():
-        return int(model.aggregator(torch.zeros((1, feature_dim), device=device)).logits.numel())
+        return int(run_aggregator(model.aggregator, torch.zeros((1, feature_dim), device=device),
+                                  torch.zeros((1, 2), device=device)).logits.numel())
 
 
 @dataclass
@@ -347,14 +368,16 @@ def infer(
     chunk_tiles: int = 64,
     amp_dtype: torch.dtype | None = None,
     return_features: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> InferResult:
     """Slide prediction from ALL its tiles, memory bounded by one chunk plus the ``[K, D]`` features.
 
-    The caller sets ``model.eval()``; the aggregator runs in float32.
+    The caller sets ``model.eval()``; the aggregator runs in float32. ``positions`` ``[K, 2]``: the tiles' places
+    on the slide's tile grid, for a spatial aggregator.
     """
     device = next(model.parameters()).device
     feats = encode_tiles(model.encoder, chunks, chunk_tiles=chunk_tiles, amp_dtype=amp_dtype, device=device)
-    out = model.aggregator(feats)
+    out = run_aggregator(model.aggregator, feats, positions)
     if not math.isfinite(float(out.logits.float().sum())):
         raise NonFiniteLossError("inference produced non-finite logits")
     return InferResult(

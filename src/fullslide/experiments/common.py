@@ -120,7 +120,7 @@ def _stage(folder: Path, settings: dict[str, Any], build: Callable[[], None]) ->
 
 
 def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2, sites: int = 1,
-                   site_shift: float = 0.0) -> tuple[Path, Path]:
+                   site_shift: float = 0.0, site_confounding: float = 0.0) -> tuple[Path, Path]:
     """Synthesize and tile ``spec`` under ``root/name`` (cached); returns (labels CSV, tiles folder). ``sites`` and
     ``site_shift``: patients from several sites with their own stains (``make_cohort``)."""
     from fullslide.slides import tile_slides
@@ -134,14 +134,14 @@ def prepare_cohort(root: Path, name: str, spec: CohortSpec, *, workers: int = 2,
                           lesion_fraction=spec.lesion_fraction, lesion_contrast=spec.lesion_contrast,
                           diffuse_strength=spec.diffuse_strength, stain_variation=spec.stain_variation,
                           positive_fraction=spec.positive_fraction, seed=spec.seed, sites=sites,
-                          site_shift=site_shift, workers=workers)
+                          site_shift=site_shift, site_confounding=site_confounding, workers=workers)
         results = tile_slides([csv], folder / "tiles", target_mpp=TARGET_MPP, tile_px=TILE_PX, workers=workers)
         bad = [r for r in results if r.failed]
         if bad:
             log.warning("%s: %d slide(s) failed tiling: %s", name, len(bad), bad[0].message)
         log.info("cohort %s: %d slides synthesized and tiled in %.0f s", name, spec.slides, time.perf_counter() - t0)
 
-    sited = {"sites": sites, "site_shift": site_shift} if sites > 1 else {}
+    sited = {"sites": sites, "site_shift": site_shift, "site_confounding": site_confounding} if sites > 1 else {}
     _stage(folder, {"cohort": dataclasses.asdict(spec), "tile_px": TILE_PX, "target_mpp": TARGET_MPP, **sited}, build)
     return folder / "cohort" / "labels.csv", folder / "tiles"
 

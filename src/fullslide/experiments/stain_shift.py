@@ -1,10 +1,13 @@
 """``fullslide experiment stain-shift``: does a model trained on two sites hold up on a third site's stains?
 
-A ``focal`` synthetic cohort from three sites (``make_cohort(sites=3, site_shift=...)``): site A stains with
-Ruifrok & Johnston's haematoxylin and eosin, sites B and C with their own (vectors turned, strengths scaled).
-Patients of sites A and B train (75%) and validate (25%); every slide of site C is the test split, so the test AUC
-measures generalisation to an unseen lab. Each arm trains the same pretrained encoder end-to-end (same schedule,
-splits and seeds) and differs only in what it does to the pixels:
+A ``focal`` synthetic cohort from three sites (``make_cohort(sites=3, site_shift=..., site_confounding=...)``): site A
+stains with Ruifrok & Johnston's haematoxylin and eosin, sites B and C with their own (vectors turned, strengths
+scaled). In the training sites the case mix differs by site, as in multi-site cohorts (Howard et al. 2021, Nat.
+Commun. 12: 4423, on TCGA): most positives come from site A and most negatives from site B, so stain is a
+shortcut to the label; site C's labels are independent of its stain. Patients of sites A and B train (75%) and
+validate (25%); every slide of site C is the test split, so the test AUC measures generalisation to an unseen lab.
+Each arm trains the same pretrained encoder end-to-end (same schedule, splits and seeds) and differs only in what
+it does to the pixels:
 
 - ``none``: colour as scanned (the default flips, rotations, blur and light colour jitter only);
 - ``hed``: HED stain jitter (``augment.hed_sigma``/``hed_bias``);
@@ -40,11 +43,12 @@ class Settings:
 
     slides: int = 48
     size: int = 2048
-    signal: str = "diffuse"
+    signal: str = "focal"
     diffuse_strength: float = 0.5
-    lesion_fraction: float = 0.05
-    lesion_contrast: float = 0.6
+    lesion_fraction: float = 0.03
+    lesion_contrast: float = 0.4
     site_shift: float = 0.35
+    site_confounding: float = 0.8
     stain_variation: float = 0.1
     cohort_seed: int = 0
     epochs: int = 8
@@ -100,7 +104,7 @@ def run(out: str | Path, *, seeds: int, seed_offset: int = 0, quick: bool = Fals
     check_settings(out, EXPERIMENT, {**dataclasses.asdict(settings), "arms": list(arms)})
     weights = prepare_encoder(workspace, settings.pretrain)
     labels, tiles = prepare_cohort(workspace, "cohort_sites", _cohort_spec(settings), sites=3,
-                                   site_shift=settings.site_shift)
+                                   site_shift=settings.site_shift, site_confounding=settings.site_confounding)
     cohort = site_splits(labels, workspace / "cohort_sites_split.csv")
     reference = next(r["path"] for r in csv.DictReader(open(cohort)) if r["site"] == "A" and r["split"] == "train")
     rows: list[dict[str, Any]] = []

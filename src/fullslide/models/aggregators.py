@@ -3,6 +3,11 @@
 Every aggregator returns an :class:`AggregatorOutput` with the slide logits, a per-tile score for heatmaps
 (attention weights that sum to one, or raw scores for max pooling) and, where the aggregator classifies
 tiles, the per-tile logits. One slide at a time: slides of a step have different K and are never padded.
+
+Spatial aggregators (``uses_positions = True``) also receive each tile's position ``[K, 2]``: its level-0 (x, y)
+divided by the tile's level-0 side, i.e. in tiles on the slide's tile grid (neighbours are 1 apart whatever the
+magnification). They take it as ``forward(feats, positions)`` or, for attention pooling, ``tile_stage(feats,
+positions)``; :func:`run_aggregator` and :func:`run_tile_stage` call either kind.
 """
 
 from __future__ import annotations
@@ -24,6 +29,37 @@ class AggregatorOutput:
     tile_logits: torch.Tensor | None = None  # [K, C] where the aggregator classifies tiles
 
 
+def run_aggregator(aggregator: nn.Module, feats: torch.Tensor, positions: torch.Tensor | None = None) -> "AggregatorOutput":
+    """``aggregator(feats)``, with the tiles' positions for a spatial aggregator (an error if they are missing)."""
+    if getattr(aggregator, "uses_positions", False):
+        if positions is None:
+            raise ValueError(f"{type(aggregator).__name__} needs the tiles' positions")
+        return aggregator(feats, positions)
+    return aggregator(feats)
+
+
+def run_tile_stage(aggregator: nn.Module, feats: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``aggregator.tile_stage(feats)`` of attention pooling, with positions for a spatial one."""
+    if getattr(aggregator, "uses_positions", False):
+        if positions is None:
+            raise ValueError(f"{type(aggregator).__name__} needs the tiles' positions")
+        return aggregator.tile_stage(feats, positions)
+    return aggregator.tile_stage(feats)
+
+
+def sincos_2d(positions: torch.Tensor, dim: int, scale: float = 10_000.0) -> torch.Tensor:
+    """Fixed 2-D sine/cosine encoding ``[K, dim]`` of positions ``[K, 2]`` (Vaswani et al. 2017, per axis: the
+    first half of the channels encodes x, the second y; ``dim`` divisible by 4)."""
+    quarter = dim // 4
+    freq = scale ** (-torch.arange(quarter, device=positions.device, dtype=torch.float32) / max(1, quarter))
+    parts = []
+    for axis in range(2):
+        angle = positions[:, axis : axis + 1].float() * freq  # [K, dim/4]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1)
+
+
 class AttentionPooling(nn.Module):
     """Attention-pooling MIL split into a per-tile stage and a pooled head.
 
@@ -33,6 +69,7 @@ class AttentionPooling(nn.Module):
     """
 
     tile_logits_are_h = False  # mean pooling: h are per-tile logits
+    uses_positions = False  # spatial: tile_stage(feats, positions)
 
     def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -52,8 +89,8 @@ class AttentionPooling(nn.Module):
             return AggregatorOutput(logits=logits, attention=scores, tile_logits=h if self.tile_logits_are_h else None)
         return AggregatorOutput(logits=logits, attention=weights)
 
-    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
-        h, a = self.tile_stage(feats)  # [K, H], [K]
+    def forward(self, feats: torch.Tensor, positions: torch.Tensor | None = None) -> AggregatorOutput:
+        h, a = run_tile_stage(self, feats, positions)  # [K, H], [K]
         weights = torch.softmax(a, dim=0)  # [K]
         return self.output(self.pool_head(weights @ h), weights, h)
 
@@ -67,7 +104,8 @@ class GatedAttentionMIL(AttentionPooling):
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, hidden: int = 512, attn_hidden: int = 384, dropout: float = 0.25
+        self, in_dim: int, n_classes: int, hidden: int = 512, attn_hidden: int = 384, dropout: float = 0.25,
+        positional: bool = False, pos_dim: int = 64,
     ) -> None:
         super().__init__()
         self.embed = nn.Sequential(
@@ -77,9 +115,16 @@ class GatedAttentionMIL(AttentionPooling):
         self.attn_u = nn.Linear(hidden, attn_hidden)
         self.attn_w = nn.Linear(attn_hidden, 1)
         self.head = nn.Linear(hidden, n_classes)
+        # positional: each tile's 2-D sine/cosine position, projected, is added to its embedding before attention
+        # (a per-tile layer, so the slide is still pooled chunk by chunk in recompute mode)
+        self.uses_positions = bool(positional)
+        self.pos_dim = int(pos_dim)
+        self.pos = nn.Linear(self.pos_dim, hidden) if positional else None
 
-    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tile_stage(self, feats: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(feats)  # [k, H]
+        if self.pos is not None:
+            h = h + self.pos(sincos_2d(positions, self.pos_dim).to(h.dtype))
         a = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)  # [k]
         return h, a
 
@@ -151,8 +196,54 @@ class MaxMIL(nn.Module):
         return AggregatorOutput(logits=t.max(0).values, attention=t[:, -1], tile_logits=t)
 
 
+class _GatedScores(nn.Module):
+    """CLAM-style gated attention scores: ``attention_c(tanh-branch * sigmoid-branch)`` (parameter names as in
+    CLAM's and CHIEF's checkpoints: ``attention_a.0``, ``attention_b.0``, ``attention_c``)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_a = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_c = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(-1)  # [k]
+
+
+class CHIEFSlideEncoder(AttentionPooling):
+    """CHIEF's slide encoder as an aggregator (Wang et al. 2024, "A pathology foundation model for cancer
+    diagnosis and prognosis prediction", Nature 634: 970-978; github.com/hms-dbmi/CHIEF): CTransPath tile features
+    (768) -> Linear 512, ReLU, dropout 0.25 -> gated attention (512 -> 256 -> 1); the slide is pooled as
+    ``softmax(A) @ h`` (512-d) and a new linear head gives the task's logits. Parameter names follow
+    ``CHIEF_pretraining.pth`` (``attention_net.0``, ``attention_net.3.attention_{a,b,c}``), so
+    ``aggregator.weights`` loads the released slide encoder strictly; the file's pretraining heads
+    (``classifiers``, ``instance_classifiers``, ``att_head``, ``text_to_vision``, text/organ embeddings) are not
+    part of the slide encoder and are left out. :meth:`slide_embedding` is the card's ``WSI_feature``: the
+    attention-weighted mean of the input tile features (768-d)."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 512, attn_hidden: int = 256,
+                 dropout: float = 0.25) -> None:
+        super().__init__()
+        self.attention_net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                           _GatedScores(hidden, attn_hidden, dropout))
+        self.head = nn.Linear(hidden, n_classes)
+
+    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.attention_net[2](self.attention_net[1](self.attention_net[0](feats)))  # [k, 512]
+        return h, self.attention_net[3](h)
+
+    def pool_head(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(z)
+
+    def slide_embedding(self, feats: torch.Tensor) -> torch.Tensor:
+        """CHIEF's ``WSI_feature``: ``softmax(A) @ feats`` ``[in_dim]``."""
+        _, a = self.tile_stage(feats)
+        return torch.softmax(a, dim=0) @ feats
+
+
 class _Block(nn.Module):
-    """Pre-norm transformer block over the tile tokens (memory-efficient attention, no K x K matrix kept)."""
+    """Pre-norm transformer block over the tile tokens (memory-efficient attention, no K x K matrix kept unless
+    an attention bias is given)."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -169,30 +260,50 @@ class _Block(nn.Module):
         qkv = self.qkv(self.norm1(x)).view(n, 3, self.heads, dim // self.heads).permute(1, 2, 0, 3)
         return qkv[0], qkv[1], qkv[2]  # each [heads, N, d]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        y = F.scaled_dot_product_attention(q, k, v)  # [heads, N, d]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [heads, N, d]
         x = x + self.drop(self.proj(y.transpose(0, 1).reshape(x.shape)))
         return x + self.mlp(self.norm2(x))
 
-    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def cls_attention(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the class token (row 0) over all tokens, averaged over heads: ``[N]``."""
         q, k, _ = self._qkv(x)
         scores = (q[:, :1] @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])  # [heads, 1, N]
+        if bias is not None:
+            scores = scores + bias[:, :1]
         return torch.softmax(scores, dim=-1).mean(0)[0]
+
+
+def alibi_2d(positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """2-D ALiBi attention bias ``[heads, 1 + K, 1 + K]`` for a class token followed by K tiles: head h adds
+    ``-m_h * ||p_i - p_j||`` (Euclidean distance on the tile grid) between tiles i and j, and nothing to or from
+    the class token; the slopes ``m_h = 2^(-8 (h + 1) / heads)`` are ALiBi's (Press et al. 2022), the Euclidean
+    form the 2-D extension TITAN uses (Ding et al. 2024)."""
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, heads + 1, device=positions.device, dtype=torch.float32) / heads)
+    p = positions.float()
+    dist = torch.cdist(p, p)  # [K, K]
+    bias = torch.zeros((heads, p.shape[0] + 1, p.shape[0] + 1), device=positions.device)
+    bias[:, 1:, 1:] = -slopes[:, None, None] * dist
+    return bias
 
 
 class TransformerMIL(nn.Module):
     """A small transformer aggregator: project tiles, prepend a class token, ``depth`` blocks, linear head.
 
     The heatmap score is the class token's attention over the tiles in the last block (mean over heads,
-    renormalised over tiles). Permutation invariant (no positional encoding).
+    renormalised over tiles). Permutation invariant (no positional encoding), unless ``alibi``: then every block's
+    attention carries the 2-D ALiBi bias of the tiles' distances on the slide (:func:`alibi_2d`; K x K per head,
+    so memory grows as K^2: for slides of tens of thousands of tiles use attention pooling).
     """
 
     def __init__(
-        self, in_dim: int, n_classes: int, dim: int = 256, depth: int = 2, heads: int = 4, dropout: float = 0.1
+        self, in_dim: int, n_classes: int, dim: int = 256, depth: int = 2, heads: int = 4, dropout: float = 0.1,
+        alibi: bool = False,
     ) -> None:
         super().__init__()
+        self.uses_positions = bool(alibi)
+        self.heads = heads
         if dim % heads:
             raise ValueError(f"transformer aggregator: dim {dim} is not divisible by heads {heads}")
         self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
@@ -202,13 +313,14 @@ class TransformerMIL(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
-    def forward(self, feats: torch.Tensor) -> AggregatorOutput:
+    def forward(self, feats: torch.Tensor, positions: torch.Tensor | None = None) -> AggregatorOutput:
         x = torch.cat([self.cls, self.proj(feats)], dim=0)  # [1 + K, dim]
+        bias = alibi_2d(positions, self.heads).to(x.dtype) if self.uses_positions else None
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = block(x, bias)
         last = self.blocks[-1]
-        attn = last.cls_attention(x)[1:]  # [K]
-        x = last(x)
+        attn = last.cls_attention(x, bias)[1:]  # [K]
+        x = last(x, bias)
         return AggregatorOutput(logits=self.head(self.norm(x[0])), attention=attn / attn.sum().clamp_min(1e-12))
 
 

@@ -30,7 +30,11 @@ AGGREGATORS: dict[str, Callable[..., nn.Module]] = {
     "mean": agg.MeanMIL,
     "max": agg.MaxMIL,
     "transformer": agg.TransformerMIL,
+    "chief": agg.CHIEFSlideEncoder,
 }
+#: Aggregators with a released weight file: its key layout (a key of fullslide.models.weights.CONVERTERS) and the
+#: module prefixes the file does not hold (the task's new head).
+AGGREGATOR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {"chief": ("chief", ("head.",))}
 
 BUILTIN_ENCODERS: dict[str, Callable[..., nn.Module]] = {"tinycnn": TinyCNN}
 
@@ -225,6 +229,15 @@ def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: f
         raise ModelError(f"encoder '{name}': timm could not build it ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
 
 
+def load_aggregator_weights(name: str, aggregator: nn.Module, path: str | Path, *, strict: bool = True) -> None:
+    """A slide encoder's released weights into ``aggregator`` (strict, but for the task's new head)."""
+    if name not in AGGREGATOR_FILES:
+        raise ModelError(f"aggregator '{name}' has no released weight layout (aggregators with weights: "
+                         f"{', '.join(AGGREGATOR_FILES)})")
+    layout, new = AGGREGATOR_FILES[name]
+    load_encoder_weights(aggregator, path, layout=layout, strict=strict, may_miss=new)
+
+
 def create_aggregator(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> nn.Module:
     """Build an aggregator by name, or a user factory ``package.module:callable(in_dim=, n_classes=, ...)``."""
     if ":" in name:
@@ -253,8 +266,10 @@ def create_model(
     strict: bool = True,
     encoder_kwargs: dict[str, Any] | None = None,
     aggregator_kwargs: dict[str, Any] | None = None,
+    aggregator_weights: str | Path | None = None,
 ) -> "SlideModel":
-    """Encoder + aggregator in one :class:`SlideModel`, the aggregator sized to the encoder's features."""
+    """Encoder + aggregator in one :class:`SlideModel`, the aggregator sized to the encoder's features;
+    ``aggregator_weights``: a slide encoder's released file (e.g. CHIEF's)."""
     from fullslide.models.slide_model import SlideModel
 
     enc = create_encoder(
@@ -262,4 +277,6 @@ def create_model(
         **(encoder_kwargs or {}),
     )
     head = create_aggregator(aggregator, enc.feature_dim, n_classes, **(aggregator_kwargs or {}))
+    if aggregator_weights is not None:
+        load_aggregator_weights(aggregator, head, aggregator_weights, strict=strict)
     return SlideModel(enc, head, freeze_bn=freeze_bn)

@@ -138,6 +138,13 @@ def conch_visual(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return kept or dict(state)
 
 
+#: CHIEF_pretraining.pth: the slide encoder is ``attention_net``; the rest are pretraining heads and text parts.
+def chief_slide_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CHIEF's pretraining file -> its slide encoder's tensors (``attention_net.*``)."""
+    kept = {k: v for k, v in state.items() if k.startswith("attention_net.")}
+    return kept or dict(state)
+
+
 def resnet_trunc(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A full ResNet's file -> the tensors of its stem and first three stages (``layer4``/``fc`` are not used)."""
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
@@ -149,6 +156,7 @@ CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Ten
     "hf_vit": hf_to_timm,
     "hf_dinov2": hf_to_timm,
     "resnet_trunc": resnet_trunc,
+    "chief": chief_slide_encoder,
 }
 
 
@@ -179,8 +187,10 @@ def _hints(missing: list[str], unexpected: list[str], *, nothing_matched: bool =
     return ("; hint: " + "; ".join(hints)) if hints else ""
 
 
-def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "timm", strict: bool = True) -> None:
-    """Load ``path`` into ``module`` (converted from ``layout``); see the module docstring for strictness."""
+def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "timm", strict: bool = True,
+                         may_miss: tuple[str, ...] = ()) -> None:
+    """Load ``path`` into ``module`` (converted from ``layout``); see the module docstring for strictness.
+    ``may_miss``: module prefixes the file is not expected to hold (a new task head), never reported missing."""
     if layout not in CONVERTERS:
         raise ModelError(f"unknown weight layout '{layout}' (known: {', '.join(CONVERTERS)})")
     own = module.state_dict()
@@ -204,7 +214,7 @@ def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "
         if tuple(state[k].shape) != tuple(own[k].shape):
             raise ModelError(f"{path}: tensor '{named(k)}' has shape {tuple(state[k].shape)}, the encoder expects "
                              f"{tuple(own[k].shape)} (another model size or input size? check the recipe kwargs)")
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and not k.startswith(may_miss)]
     unexpected = [origin.get(k, k) for k in state if k not in own]
     if missing or unexpected:
         what = (f"{len(missing)} encoder tensors missing from the file ({', '.join(missing[:10])})" if missing else "")

@@ -83,6 +83,7 @@ class CheckSpec:
     layer_decay: float = 1.0  # < 1: per-layer learning rates (the optimizer's view is compared)
     attention_scale: float = 1.0  # > 1: sharper attention scores (peaked pooling)
     context_tiles: list[int] | None = None  # whole-slide context: cached feature rows per slide (cycled), or None
+    aggregator_kwargs: dict = field(default_factory=dict)  # e.g. {"alibi": True}: a spatial aggregator
     nprocs: list[int] | None = None  # process counts this spec runs at (None: every one asked for)
     name: str = ""  # the scenario's name in a suite
     tol: float | None = None  # None: the dtype's default (fullslide.proof.compare.tolerances)
@@ -122,6 +123,7 @@ def build_model(spec: CheckSpec, device: torch.device, *, reference: bool = Fals
     model = create_model(
         spec.encoder, spec.aggregator, spec.n_classes, weights=spec.weights, tile_px=spec.tile_px,
         drop_rate=spec.drop_rate, drop_path_rate=spec.drop_path_rate, encoder_kwargs=spec.encoder_kwargs,
+        aggregator_kwargs=spec.aggregator_kwargs,
     )
     if spec.lora_rank:
         finetune.add_lora(model.encoder, spec.lora_rank, 16.0, spec.lora_dropout, ["qkv", "fc1"])
@@ -194,6 +196,20 @@ def make_contexts(spec: CheckSpec, step_seed: int, dim: int) -> list[torch.Tenso
     return out
 
 
+def make_positions(spec: CheckSpec, step_seed: int) -> list[torch.Tensor]:
+    """Deterministic grid positions ``[K_i + M_i, 2]`` of every slide's K tiles then its M context rows: distinct
+    cells of a slide-sized grid, in a shuffled order (tile order on a slide is not spatial order)."""
+    out = []
+    for i in range(spec.slides):
+        gen = torch.Generator().manual_seed(spec.seed * 31 + step_seed * 7 + i)
+        m = spec.context_tiles[i % len(spec.context_tiles)] if spec.context_tiles is not None else 0
+        n = spec.k_of(i) + m
+        side = int(n**0.5) + 3
+        cells = torch.randperm(side * side, generator=gen)[:n]
+        out.append(torch.stack([cells % side, cells // side], dim=1).float())
+    return out
+
+
 def targets_of(spec: CheckSpec) -> torch.Tensor:
     return torch.arange(spec.slides) % spec.n_classes
 
@@ -238,7 +254,8 @@ def reference(spec: CheckSpec) -> Reference:
             reference_step(model, slides, targets_of(spec), F.cross_entropy, chunk_tiles=spec.chunk_tiles,
                            aggregator_chunk_tiles=spec.aggregator_chunk_tiles, step_seed=seed,
                            amp_dtype=DTYPES[spec.dtype], scores_out=scores if starts is None else None,
-                           grad_scaler=scaler, contexts=make_contexts(spec, seed, model.encoder.feature_dim))
+                           grad_scaler=scaler, contexts=make_contexts(spec, seed, model.encoder.feature_dim),
+                           positions=make_positions(spec, seed))
 
         return train_steps(spec, model, run, learning_rates(spec, model, reference=True), starts)
 
@@ -310,10 +327,12 @@ def worker_main(specs_path: str, out_dir: str) -> None:
                         spec=spec) -> None:
                     bags = []
                     contexts = make_contexts(spec, seed, model.encoder.feature_dim)
+                    positions = make_positions(spec, seed)
                     for i in mine:
                         start, stop = rank_tile_range(len(slides[i]), spec.chunk_tiles, ctx.tp_rank, ctx.tp_size)
-                        bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=len(slides[i]),
-                                        context=contexts[i]))
+                        k = len(slides[i])
+                        bags.append(Bag(index=i, tiles=slides[i][start:stop], k_total=k, context=contexts[i],
+                                        positions=positions[i][:k], context_positions=positions[i][k:]))
                     engine_mode, budget = auto_budget(mode, model, bags, spec)
                     step(model, bags, targets_of(spec), F.cross_entropy, mode=engine_mode, memory_budget=budget,
                          chunk_tiles=spec.chunk_tiles, aggregator_chunk_tiles=spec.aggregator_chunk_tiles,

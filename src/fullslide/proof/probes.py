@@ -46,11 +46,15 @@ class ProbeAggregator(nn.Module):
         self.shared = shared  # the very Parameter the encoder holds: tied, not copied
         self.unused = nn.Parameter(torch.ones(4))
 
+    @property
+    def uses_positions(self) -> bool:
+        return bool(getattr(self.inner, "uses_positions", False))
+
     def tied(self, feats: torch.Tensor) -> torch.Tensor:
         return feats + 0.5 * feats @ self.shared
 
-    def forward(self, feats: torch.Tensor):  # -> AggregatorOutput
-        return self.inner(self.tied(feats))
+    def forward(self, feats: torch.Tensor, positions: torch.Tensor | None = None):  # -> AggregatorOutput
+        return self.inner(self.tied(feats), positions) if self.uses_positions else self.inner(self.tied(feats))
 
 
 class ProbePooling(ProbeAggregator):
@@ -59,8 +63,9 @@ class ProbePooling(ProbeAggregator):
 
     attention_scale: float = 1.0
 
-    def tile_stage(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, a = self.inner.tile_stage(self.tied(feats))
+    def tile_stage(self, feats: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h, a = (self.inner.tile_stage(self.tied(feats), positions) if self.uses_positions
+                else self.inner.tile_stage(self.tied(feats)))
         return h, (a * self.attention_scale if self.attention_scale != 1.0 else a)
 
     def pool_head(self, z: torch.Tensor) -> torch.Tensor:

@@ -55,10 +55,12 @@ def _spans(k: int, size: int) -> list[tuple[int, int]]:
 def slide_logits(
     model: nn.Module, tiles: torch.Tensor, slide: int, *, chunk_tiles: int, aggregator_chunk_tiles: int,
     step_seed: int, amp_dtype: torch.dtype | None = None, context: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits ``[C]`` of one slide with the whole graph kept, and the attention scores ``[K + M]`` (None if not
     pooling). ``context`` ``[M, D]``: feature rows of the slide's other tiles, appended after the K encoded
-    ones as constants (whole-slide context: the aggregator sees them, the encoder does not)."""
+    ones as constants (whole-slide context: the aggregator sees them, the encoder does not). ``positions``
+    ``[K + M, 2]``: every row's place on the tile grid, given to an aggregator with ``uses_positions``."""
     device = next(model.parameters()).device
     feats = []
     for c, (s, e) in enumerate(_spans(len(tiles), chunk_tiles)):
@@ -68,13 +70,15 @@ def slide_logits(
         feats.append(context.detach().to(device))
     features = torch.cat([f.float() for f in feats])  # [K + M, D]
     agg = model.aggregator
+    spatial = getattr(agg, "uses_positions", False)
+    pos = positions.to(device, torch.float32) if spatial else None
     if not (callable(getattr(agg, "tile_stage", None)) and callable(getattr(agg, "pool_head", None))):
         with _draws(block_seed(step_seed, slide, HEAD_BLOCK), device):
-            return agg(features).logits.float(), None
+            return (agg(features, pos) if spatial else agg(features)).logits.float(), None
     hs, scores = [], []
     for c, (s, e) in enumerate(_spans(len(features), aggregator_chunk_tiles)):
         with _draws(block_seed(step_seed, slide, TILE_STAGE_BLOCK - c), device):
-            h, a = agg.tile_stage(features[s:e])
+            h, a = agg.tile_stage(features[s:e], pos[s:e]) if spatial else agg.tile_stage(features[s:e])
         hs.append(h)
         scores.append(a)
     a = torch.cat(scores)  # [K]
@@ -96,19 +100,22 @@ def reference_step(
     scores_out: list[torch.Tensor | None] | None = None,
     grad_scaler: "torch.amp.GradScaler | None" = None,
     contexts: Sequence[torch.Tensor | None] | None = None,
+    positions: Sequence[torch.Tensor | None] | None = None,
 ) -> float:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(logits of every slide, targets)``; return the loss.
 
     ``slides[i]`` is slide ``i`` of the step, ``[K_i, 3, H, W]``. ``scores_out`` receives each slide's attention
     scores (None where the aggregator does not pool by attention). ``grad_scaler`` (torch's) scales the loss
-    before the backward, as float16 training does. ``contexts[i]`` are slide ``i``'s context rows (or None).
+    before the backward, as float16 training does. ``contexts[i]`` are slide ``i``'s context rows (or None);
+    ``positions[i]`` ``[K_i + M_i, 2]`` its rows' grid positions (for a spatial aggregator).
     """
     device = next(model.parameters()).device
     logits = []
     for i, tiles in enumerate(slides):
         z, scores = slide_logits(model, tiles, i, chunk_tiles=chunk_tiles, aggregator_chunk_tiles=aggregator_chunk_tiles,
                                  step_seed=step_seed, amp_dtype=amp_dtype,
-                                 context=contexts[i] if contexts is not None else None)
+                                 context=contexts[i] if contexts is not None else None,
+                                 positions=positions[i] if positions is not None else None)
         logits.append(z)
         if scores_out is not None:
             scores_out.append(scores)

@@ -13,7 +13,11 @@ Each scenario is a :class:`~fullslide.proof.checkgrad.CheckSpec` chosen so that 
   below 1e-3 and the highest score comes in a late chunk;
 - ``resnet18``: the config's default encoder with GMA (BatchNorm in eval mode, a deep conv net);
 - ``context``: whole-slide context (``train.context: cache``): cached rows appended to the fresh ones, a slide
-  with no cached rows (K = N) and one whose K fresh tiles fit one chunk (with 2 ranks, one holds cached rows only).
+  with no cached rows (K = N) and one whose K fresh tiles fit one chunk (with 2 ranks, one holds cached rows only);
+- ``positions-gma`` and ``alibi``: aggregators that use the tiles' positions on the slide (GMA with 2-D
+  sine/cosine positions, streamed chunk by chunk; a transformer with 2-D ALiBi, one whole-slide call), with
+  context rows placed on the grid too;
+- ``chief``: CHIEF's slide encoder as the aggregator, trained with the tile encoder (streamed attention pooling).
 
 On a 2-core CPU the suite takes a few minutes (BENCHMARKS.md); ``--nproc`` limits the process counts.
 """
@@ -45,6 +49,15 @@ def suite_specs(device: str = "cpu") -> list[CheckSpec]:
                   modes=["full", "recompute", "auto-half"], nprocs=_TWO, device=device),
         CheckSpec(name="context", tiles=[14, 9, 3], slides=3, tile_px=16, chunk_tiles=4, aggregator_chunk_tiles=8,
                   context_tiles=[40, 0, 25], nprocs=_TWO, device=device),
+        # spatial aggregators: tile positions streamed chunk by chunk (GMA + 2-D sine/cosine positions) and in one
+        # whole-slide call (transformer with 2-D ALiBi), both with context rows placed on the grid too
+        CheckSpec(name="positions-gma", aggregator_kwargs={"positional": True}, modes=_SOME_MODES,
+                  context_tiles=[12, 0, 7], nprocs=_TWO, **small),
+        CheckSpec(name="alibi", aggregator="transformer", aggregator_kwargs={"alibi": True}, modes=_SOME_MODES,
+                  context_tiles=[12, 0, 7], nprocs=_TWO, **small),
+        # a slide encoder fine-tuned with the tile encoder: CHIEF's (768-d input: tinycnn of width 192)
+        CheckSpec(name="chief", aggregator="chief", encoder_kwargs={"width": 192}, modes=_SOME_MODES, nprocs=_TWO,
+                  **small),
         CheckSpec(name="resnet18", encoder="resnet18", tiles=[24, 17, 9], slides=3, tile_px=16, chunk_tiles=8,
                   modes=_SOME_MODES, nprocs=_TWO, device=device),
     ]

@@ -76,9 +76,13 @@ def site_stains(seed: int, site: int, shift: float) -> tuple[tuple[float, ...], 
 def plan_cohort(
     n_slides: int, *, signal: Signal, lesion_fraction: float, positive_fraction: float, seed: int, diffuse_strength: float,
     stain_variation: float = 0.12, lesion_contrast: float = 1.0, sites: int = 1, site_shift: float = 0.0,
+    site_confounding: float = 0.0,
 ) -> list[SynthSlide]:
     """Patients, labels, seeds and stains of a cohort; every third patient has two slides; patient ``p`` comes
-    from site ``p % sites``."""
+    from site ``p % sites``, except that with ``site_confounding`` c > 0 the patients of the sites before the last
+    are dealt by label: a positive goes to the first site with probability (1 + c) / 2 and a negative to the
+    second with the same probability (site and label correlate there, as in multi-site cohorts with
+    site-specific case mixes); the last site keeps its patients, independent of the label."""
     groups: list[list[int]] = []
     i = 0
     while i < n_slides:
@@ -91,7 +95,11 @@ def plan_cohort(
     for p, members in enumerate(groups):
         stain = np.random.default_rng([seed, 1, p]).uniform(1 - stain_variation, 1 + stain_variation, size=2)  # per patient
         label = int(p in positives)
-        h_od, e_od, h_site, e_site = site_stains(seed, p % sites, site_shift)
+        site = p % sites
+        if site_confounding > 0 and sites > 2 and site < sites - 1:
+            biased = np.random.default_rng([seed, 4, p]).random() < (1 + site_confounding) / 2
+            site = (0 if biased else 1) if label else (1 if biased else 0)
+        h_od, e_od, h_site, e_site = site_stains(seed, site, site_shift)
         for s in members:
             look = Appearance(h_scale=float(stain[0]) * h_site, e_scale=float(stain[1]) * e_site,
                               h_od=h_od if sites > 1 else None, e_od=e_od if sites > 1 else None,
@@ -102,7 +110,7 @@ def plan_cohort(
                 slide_id=f"synth_{s:04d}", patient_id=f"patient_{p:04d}", label=label,
                 seed=int(np.random.SeedSequence([seed, 2, s]).generate_state(1)[0]), appearance=look,
                 lesion_fraction=lesion_fraction if (label and signal == "focal") else 0.0,
-                site=chr(ord("A") + p % sites) if sites > 1 else "",
+                site=chr(ord("A") + site) if sites > 1 else "",
             ))
     return slides
 
@@ -123,6 +131,7 @@ def make_cohort(
     lesion_contrast: float = 1.0,
     sites: int = 1,
     site_shift: float = 0.0,
+    site_confounding: float = 0.0,
     workers: int = 1,
 ) -> Path:
     """Write a synthetic cohort into ``out_dir`` and return the labels CSV path."""
@@ -146,11 +155,13 @@ def make_cohort(
         (out / sub).mkdir(parents=True, exist_ok=True)
     if not 0 <= stain_variation < 1:
         raise ConfigError(f"synth: stain variation must be in [0, 1), got {stain_variation}")
-    if not 1 <= sites <= 26 or not 0 <= site_shift < 1.5:
-        raise ConfigError(f"synth: need 1 <= sites <= 26 and 0 <= site shift < 1.5, got {sites}, {site_shift}")
+    if not 1 <= sites <= 26 or not 0 <= site_shift < 1.5 or not 0 <= site_confounding <= 1:
+        raise ConfigError(f"synth: need 1 <= sites <= 26, 0 <= site shift < 1.5 and 0 <= site confounding <= 1, got "
+                          f"{sites}, {site_shift}, {site_confounding}")
     plan = plan_cohort(n_slides, signal=signal, lesion_fraction=lesion_fraction, positive_fraction=positive_fraction,
                        seed=seed, diffuse_strength=diffuse_strength, stain_variation=stain_variation,
-                       lesion_contrast=lesion_contrast, sites=sites, site_shift=site_shift)
+                       lesion_contrast=lesion_contrast, sites=sites, site_shift=site_shift,
+                       site_confounding=site_confounding)
     args = [(out, s, (width, height), mpp, tissue_fraction) for s in plan]
     if workers > 1 and n_slides > 1:
         import multiprocessing

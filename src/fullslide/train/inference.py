@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fullslide.data.loader import SlideChunk, SlideChunks, SlideSource, make_loader
+from fullslide.data.loader import SlideChunk, SlideChunks, SlideSource, make_loader, tile_positions
 from fullslide.data.stain import StainNormalizer
 from fullslide.engine import ParallelContext, encode_tiles, rank_tile_range
 from fullslide.engine.collectives import all_gather_rows
+from fullslide.models.aggregators import run_aggregator
 from fullslide.train.config import Config
 
 log = logging.getLogger("fullslide.inference")
@@ -97,7 +98,9 @@ def predict_slides(
         try:
             if error:
                 raise _ChunkError(error)
-            out = model.aggregator(feats)
+            spatial = getattr(model.aggregator, "uses_positions", False)
+            out = run_aggregator(model.aggregator, feats,
+                                 tile_positions(sources[index]).to(feats.device) if spatial else None)
             if not torch.isfinite(out.logits.float()).all():
                 raise ValueError(f"{sources[index].path}: inference produced non-finite logits")
             pred = SlidePrediction(

@@ -367,6 +367,7 @@ def build_model(config: Config, n_outputs: int, *, init_weights: bool = True) ->
         tile_px=config.data.tile_px, drop_rate=config.encoder.drop_rate, drop_path_rate=config.encoder.drop_path_rate,
         freeze_bn=config.encoder.freeze_bn, strict=config.encoder.strict, encoder_kwargs=config.encoder.kwargs,
         aggregator_kwargs=config.aggregator.kwargs,
+        aggregator_weights=config.aggregator.weights if init_weights else None,
     )
     apply_finetuning(config, model.encoder)
     return model

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fullslide.data.augment import Augment, augment_batch
-from fullslide.data.loader import (StepDataset, assemble_steps, default_prefetch_tiles, make_loader,
+from fullslide.data.loader import (StepDataset, assemble_steps, default_prefetch_tiles, make_loader, tile_positions,
                                    prefetch_per_worker)
 from fullslide.data.sampler import TileSampler, step_seed
 from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_parallel, rank_tile_range,
@@ -202,6 +202,7 @@ class Trainer:
         self.chunk_tiles = self._chunk_tiles()
         self.context = SlideContext(self) if cfg.train.context == "cache" else None
         self._plan_logged = False
+        self._grids: dict[int, torch.Tensor] = {}  # train slide -> its tiles' grid positions (spatial aggregators)
         if self.rank0:
             write_run_info(self.run_dir, {
                 "task": cfg.data.task, "classes": self.classes, "n_outputs": self.n_out, "tile_px": cfg.data.tile_px,
@@ -277,8 +278,9 @@ class Trainer:
             failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
-            bags = [Bag(index=new_index[p], k_total=k, **({"features": d} if cfg.encoder.freeze else
-                                                          {"tiles": self._augment(d, k, epoch, plan.slides[p], aug)}))
+            bags = [Bag(index=new_index[p], k_total=k, positions=self.positions(plan.slides[p], plan.tiles[p]),
+                        **({"features": d} if cfg.encoder.freeze else
+                           {"tiles": self._augment(d, k, epoch, plan.slides[p], aug)}))
                     for p, d, k in zip(loaded.positions, loaded.data, loaded.k_totals) if p in new_index]
             acc["skipped"] += len(failed)
             pending = self.context.attach(bags, loaded.positions, plan, new_index) if self.context is not None else []
@@ -344,6 +346,15 @@ class Trainer:
             tiles = self.data.stain(tiles, self.train_src[slide].stain)
         return augment_batch(tiles, aug, seed=self.config.train.seed, epoch=epoch, slide=slide,
                              positions=np.arange(start, stop))
+
+    def positions(self, slide: int, tiles: np.ndarray | None = None) -> torch.Tensor | None:
+        """Grid positions of a training slide's tiles (all, or ``tiles``), when the aggregator is spatial."""
+        if not getattr(self.model.aggregator, "uses_positions", False):
+            return None
+        grid = self._grids.get(slide)
+        if grid is None:
+            grid = self._grids[slide] = tile_positions(self.train_src[slide])
+        return grid if tiles is None else grid[torch.as_tensor(np.asarray(tiles), dtype=torch.long)]
 
     def _optimizer_step(self) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
