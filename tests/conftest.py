@@ -25,6 +25,27 @@ def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        lesion_fraction=0.06, seed=11)
 
 
+def write_split_cohort(synth_cohort: Path, out: Path, paths: dict[int, Path] | None = None) -> Path:
+    """A training CSV of ``synth_cohort``'s 4 slides with a split column (train, val, test, train: both labels
+    train); ``paths`` replaces some rows' slide paths (e.g. by a DICOM folder)."""
+    import csv
+
+    rows = list(csv.DictReader(open(synth_cohort, newline="")))
+    with open(out, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "path", "label", "split"])
+        for i, (r, split) in enumerate(zip(rows, ("train", "val", "test", "train"))):
+            path = (paths or {}).get(i, synth_cohort.parent / r["path"])
+            w.writerow([r["slide_id"], str(path), r["label"], split])
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_cohort(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``synth_cohort`` as a training CSV with a split column (:func:`write_split_cohort`)."""
+    return write_split_cohort(synth_cohort, tmp_path_factory.mktemp("split_cohort") / "cohort.csv")
+
+
 @pytest.fixture(scope="session")
 def synth_slide(synth_cohort: Path) -> Path:
     """One pyramidal synthetic TIFF (the first slide of ``synth_cohort``)."""

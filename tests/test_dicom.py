@@ -94,14 +94,10 @@ def test_train_and_predict_with_a_dicom_folder_in_the_cohort(dicom_slide: Path, 
     from fullslide.train.config import config_from_dict
     from fullslide.train.trainer import train
 
+    from conftest import write_split_cohort
+
     rows = list(csv.DictReader(open(synth_cohort, newline="")))
-    cohort = tmp_path / "cohort.csv"
-    with open(cohort, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "path", "label", "split"])
-        for i, r in enumerate(rows):  # the first slide as its DICOM folder, in train
-            w.writerow([r["slide_id"], str(dicom_slide if i == 0 else synth_cohort.parent / r["path"]), r["label"],
-                        ("train", "val", "test", "train")[i]])
+    cohort = write_split_cohort(synth_cohort, tmp_path / "cohort.csv", {0: dicom_slide})  # slide 0 as DICOM, train
     run = train(config_from_dict({
         "run_dir": str(tmp_path / "run"),
         "data": {"cohort": str(cohort), "target_mpp": 2.0, "tile_px": 32, "split_method": "column"},

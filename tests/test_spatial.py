@@ -108,20 +108,8 @@ def test_chief_loads_its_released_file_strictly_and_gives_the_cards_slide_embedd
 
 
 # ---- the pipeline hands the aggregator the tiles' true places ------------------------------------------------
-@pytest.fixture(scope="module")
-def cohort(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = list(csv.DictReader(open(synth_cohort, newline="")))
-    out = tmp_path_factory.mktemp("spatial") / "cohort.csv"
-    with open(out, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "path", "label", "split"])
-        for r, split in zip(rows, ("train", "val", "test", "train")):
-            w.writerow([r["slide_id"], str(synth_cohort.parent / r["path"]), r["label"], split])
-    return out
-
-
 @pytest.mark.parametrize("context", ["none", "cache"])
-def test_training_and_prediction_give_each_tile_its_place_on_the_slide(cohort: Path, tmp_path: Path, context: str,
+def test_training_and_prediction_give_each_tile_its_place_on_the_slide(split_cohort: Path, tmp_path: Path, context: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Every position the ALiBi transformer receives is a tile's level-0 origin divided by the tile's level-0
     side, and the positions of one call are those of the slide whose features they come with: with K = all (or
@@ -136,7 +124,7 @@ def test_training_and_prediction_give_each_tile_its_place_on_the_slide(cohort: P
 
     config = config_from_dict({
         "run_dir": str(tmp_path / "run"),
-        "data": {"cohort": str(cohort), "target_mpp": 2.0, "tile_px": 32, "split_method": "column"},
+        "data": {"cohort": str(split_cohort), "target_mpp": 2.0, "tile_px": 32, "split_method": "column"},
         "encoder": {"name": "tinycnn"}, "aggregator": {"name": "transformer", "kwargs": {"alibi": True}},
         "train": {"epochs": 1, "tiles_per_slide": "all" if context == "none" else 8, "slides_per_step": 1,
                   "loader_workers": 0, "mode": "recompute", "context": context, "chunk_tiles": 4},
@@ -176,7 +164,7 @@ def test_training_and_prediction_give_each_tile_its_place_on_the_slide(cohort: P
         return forward(self, feats, positions)
 
     monkeypatch.setattr(TransformerMIL, "forward", recording)
-    slide = Path(next(csv.DictReader(open(cohort)))["path"])
+    slide = Path(next(csv.DictReader(open(split_cohort)))["path"])
     predict_new(run, [slide], tmp_path / "pred")
     coords, geometry = read_coords(tmp_path / "pred" / "tiles" / "patches" / f"{slide.stem}.h5")
     (k, pos), = [(k, p) for k, p in seen if k == len(coords)]

@@ -114,18 +114,6 @@ def _config(tmp: Path, cohort: Path, **data):
     })
 
 
-@pytest.fixture(scope="module")
-def split_cohort(synth_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = list(csv.DictReader(open(synth_cohort, newline="")))
-    out = tmp_path_factory.mktemp("stain") / "cohort.csv"
-    with open(out, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "path", "label", "split"])
-        for r, split in zip(rows, ("train", "val", "test", "train")):
-            w.writerow([r["slide_id"], str(synth_cohort.parent / r["path"]), r["label"], split])
-    return out
-
-
 def _normalised_tiles(run: Path, source, identity: bool = False) -> torch.Tensor:
     from fullslide.slides import open_slide, read_coords
 

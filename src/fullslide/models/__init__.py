@@ -6,8 +6,8 @@ without torch or timm.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fullslide._lazy import lazy_exports
+
 
 _EXPORTS = {
     "AggregatorOutput": "fullslide.models.aggregators",
@@ -29,15 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """Import an exported name from its module on first use."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fullslide.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports('fullslide.models', _EXPORTS, globals())
