@@ -109,11 +109,12 @@ def test_check_grad_scenarios_match_the_reference() -> None:
     """The scenarios of ``check-grad --suite`` at 2 processes (both tile-parallel layouts, in one launch), but the
     ones CI runs elsewhere, to keep CI under 15 minutes on 2 cores: ``default`` (gma; tests/test_engine_distributed.py
     runs it at 1, 2 and 4 processes) and ``abmil``/``mean``/``max`` (every mode, one process, in
-    tests/test_engine_step.py); ``resnet18`` runs two modes here (the mode logic is the other scenarios'), and every
-    scenario two steps. The suite itself (``fullslide check-grad --suite``) runs all of them in full."""
+    tests/test_engine_step.py); ``resnet18`` and the spatial/slide-encoder scenarios run two modes here (full and
+    recompute: the graph path and the streamed one), and every scenario two steps. The suite itself (``fullslide check-grad --suite``) runs all of them in full."""
     import dataclasses
 
-    specs = [dataclasses.replace(s, modes=["full", "recompute"] if s.name == "resnet18" else s.modes,
+    two_modes = ("resnet18", "positions-gma", "alibi", "chief")  # the mode logic is the other scenarios'
+    specs = [dataclasses.replace(s, modes=["full", "recompute"] if s.name in two_modes else s.modes,
                                  steps=min(s.steps, 2))  # two teacher-forced steps: still past the first update
              for s in suite_specs() if s.name not in ("default", "abmil", "mean", "max")]
     rows, refs = run_checks(specs, [2], progress=lambda m: None)

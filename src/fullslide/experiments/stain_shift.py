@@ -120,7 +120,46 @@ def run(out: str | Path, *, seeds: int, seed_offset: int = 0, quick: bool = Fals
             log.info("%s seed %d: test AUC on site C %s (%.0f s)", arm, seed, result["test_auc"], result["seconds"])
     meta = {**dataclasses.asdict(settings), "arms": list(arms), "quick": quick, "reference": reference}
     write_results(out, EXPERIMENT, rows, meta)
+    tile_figure(cohort, tiles, reference, out / "tiles.png")
     return report(out, rows, meta)
+
+
+def tile_figure(cohort: Path, tiles: Path, reference: str, path: Path, per_site: int = 2) -> Path:
+    """A tile of ``per_site`` slides of each site (columns), original, Macenko- and Reinhard-normalised (rows), as
+    training sees them; the test site is C."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from fullslide.data import stain as st
+    from fullslide.slides import open_slide, read_coords
+
+    refs = {m: st.reference_params(m, None if m == "macenko" else reference, target_mpp=1.0, tile_px=64)
+            for m in ("macenko", "reinhard")}
+    rows = list(csv.DictReader(open(cohort)))
+    picked = [r for site in "ABC" for r in [r for r in rows if r["site"] == site][:per_site]]
+    columns = []
+    for r in picked:
+        h5 = tiles / "patches" / f"{r['slide_id']}.h5"
+        coords, geometry = read_coords(h5)
+        with open_slide(r["path"]) as slide:
+            big = dataclasses.replace(geometry, tile_px=96, read_px=3 * geometry.read_px, level0_px=3 * geometry.level0_px)
+            tile = torch.from_numpy(slide.read_tiles(coords[len(coords) // 2][None], big, channels_first=True))
+        pixels = st.slide_pixels(r["path"], h5)
+        column = [tile]
+        for method in ("macenko", "reinhard"):
+            column.append(st.StainNormalizer(method, refs[method])(tile, st.fit(method, pixels)))
+        columns.append(torch.cat(column, dim=3)[0].permute(1, 2, 0).numpy())  # rows stacked vertically below
+    grid = np.concatenate([np.concatenate(np.split(c, 3, axis=1), axis=0) for c in columns], axis=1)
+    image = Image.new("RGB", (grid.shape[1] + 80, grid.shape[0] + 20), "white")
+    image.paste(Image.fromarray(grid), (80, 20))
+    draw = ImageDraw.Draw(image)
+    for i, r in enumerate(picked):
+        draw.text((80 + i * 96 + 4, 4), f"site {r['site']}" + (" (test)" if r["site"] == "C" else ""), fill="black")
+    for j, label in enumerate(("original", "Macenko", "Reinhard")):
+        draw.text((4, 20 + j * 96 + 40), label, fill="black")
+    image.save(path)
+    return path
 
 
 def report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
