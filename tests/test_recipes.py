@@ -158,8 +158,8 @@ def test_recipe_features_equal_the_model_card_pipeline(name: str, tmp_path: Path
     torch.manual_seed(1)
     card = _make_input_matter(_card_network(name)).eval()
     weights = _save({prefix + k: v for k, v in card.state_dict().items()}, tmp_path / name / file_name)
+    encoder = _fullslide_encoder(tmp_path, name, weights, px, {"depth": 1})  # takes tiles of any size
     for tile_px in (px, px + 32):
-        encoder = _fullslide_encoder(tmp_path, name, weights, tile_px, {"depth": 1})
         tiles = _tiles(tile_px)
         with torch.no_grad():
             ours = encoder(tiles)
