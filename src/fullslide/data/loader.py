@@ -46,6 +46,21 @@ def tile_positions(source: SlideSource) -> torch.Tensor:
     return torch.from_numpy(np.asarray(coords, dtype=np.float64) / float(geometry.level0_px)).float()
 
 
+class SlidePositions:
+    """The grid positions of some slides' tiles (:func:`tile_positions`), read once per slide, for a spatial
+    aggregator: ``positions(slide)`` for all of a slide's tiles, ``positions(slide, tiles)`` for some."""
+
+    def __init__(self, sources: Sequence[SlideSource]) -> None:
+        self.sources = list(sources)
+        self._grids: dict[int, torch.Tensor] = {}
+
+    def __call__(self, slide: int, tiles: np.ndarray | None = None) -> torch.Tensor:
+        grid = self._grids.get(slide)
+        if grid is None:
+            grid = self._grids[slide] = tile_positions(self.sources[slide])
+        return grid if tiles is None else grid[torch.as_tensor(np.asarray(tiles), dtype=torch.long)]
+
+
 def _one_line(exc: BaseException, source: SlideSource) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if source.path in text or source.slide_id in text else f"{source.path}: {text}"

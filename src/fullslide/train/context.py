@@ -187,9 +187,8 @@ class SlideContext:
             if rows is None:
                 continue
             bags[new_index[p]].context = context_rows(rows, plan.tiles[p]).to(t.ctx.device, non_blocking=True)
-            grid = t.positions(plan.slides[p])
-            if grid is not None:  # a spatial aggregator: the context rows' places, in the same order
-                bags[new_index[p]].context_positions = context_rows(grid, plan.tiles[p])
+            if t.positions is not None:  # a spatial aggregator: the context rows' places, in the same order
+                bags[new_index[p]].context_positions = context_rows(t.positions(plan.slides[p]), plan.tiles[p])
             pending.append((new_index[p], slide_id, rows, plan.tiles[p]))
         return pending
 

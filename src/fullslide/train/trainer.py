@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fullslide.data.augment import Augment, augment_batch
-from fullslide.data.loader import (StepDataset, assemble_steps, default_prefetch_tiles, make_loader, tile_positions,
+from fullslide.data.loader import (SlidePositions, StepDataset, assemble_steps, default_prefetch_tiles, make_loader,
                                    prefetch_per_worker)
 from fullslide.data.sampler import TileSampler, step_seed
 from fullslide.engine import (Bag, NonFiniteLossError, ParallelContext, init_parallel, rank_tile_range,
@@ -37,44 +37,10 @@ from fullslide.train.context import SlideContext
 from fullslide.train.logs import RunLogger, progress_bar, write_metrics_csv
 from fullslide.train.runlock import RunLock
 from fullslide.train.setup import amp_dtype, build_model, check_trainable, prepare_data, write_run_info
+from fullslide.train.optim import make_optimizer, make_scheduler
 from fullslide.train.validate import evaluate_sources, selection
 
 log = logging.getLogger("fullslide.train")
-
-
-def make_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW with encoder and aggregator groups (their own lr, the encoder's decayed per layer when
-    ``encoder.layer_decay`` < 1); no weight decay on biases and norm weights; frozen parameters left out."""
-    from fullslide.models.finetune import layer_decay_groups
-
-    wd = config.train.weight_decay
-    groups = []
-    if config.encoder.layer_decay < 1:
-        groups += [dict(g, part="encoder") for g in
-                   layer_decay_groups(model.encoder, config.encoder.lr, wd, config.encoder.layer_decay)]
-    parts = [(model.aggregator, config.aggregator.lr, "aggregator")]
-    if config.encoder.layer_decay >= 1:
-        parts.insert(0, (model.encoder, config.encoder.lr, "encoder"))
-    for module, lr, part in parts:
-        params = [p for p in module.parameters() if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": wd, "part": part},
-                   {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0, "part": part}]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
-
-
-def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr_ratio`` of the peak, per step."""
-    total = max(1, config.train.epochs * steps_per_epoch)
-    warm = max(0, round(config.train.warmup_epochs * steps_per_epoch))
-    floor = config.train.min_lr_ratio
-
-    def factor(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        progress = min(1.0, (i - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class TargetTable:
@@ -200,9 +166,10 @@ class Trainer:
                                                    scheduler=self.scheduler, scaler=self.scaler))
             log.info("resumed from %s at epoch %d step %d", where, self.state["epoch"] + 1, self.state["next_step"])
         self.chunk_tiles = self._chunk_tiles()
+        spatial = getattr(self.model.aggregator, "uses_positions", False)  # the aggregator sees where tiles lie
+        self.positions = SlidePositions(self.train_src) if spatial else None
         self.context = SlideContext(self) if cfg.train.context == "cache" else None
         self._plan_logged = False
-        self._grids: dict[int, torch.Tensor] = {}  # train slide -> its tiles' grid positions (spatial aggregators)
         if self.rank0:
             write_run_info(self.run_dir, {
                 "task": cfg.data.task, "classes": self.classes, "n_outputs": self.n_out, "tile_px": cfg.data.tile_px,
@@ -278,7 +245,8 @@ class Trainer:
             failed = set(failed_list)
             keep = [p for p in range(len(plan.slides)) if p not in failed]
             new_index = {p: i for i, p in enumerate(keep)}
-            bags = [Bag(index=new_index[p], k_total=k, positions=self.positions(plan.slides[p], plan.tiles[p]),
+            bags = [Bag(index=new_index[p], k_total=k,
+                        positions=self.positions(plan.slides[p], plan.tiles[p]) if self.positions else None,
                         **({"features": d} if cfg.encoder.freeze else
                            {"tiles": self._augment(d, k, epoch, plan.slides[p], aug)}))
                     for p, d, k in zip(loaded.positions, loaded.data, loaded.k_totals) if p in new_index]
@@ -346,15 +314,6 @@ class Trainer:
             tiles = self.data.stain(tiles, self.train_src[slide].stain)
         return augment_batch(tiles, aug, seed=self.config.train.seed, epoch=epoch, slide=slide,
                              positions=np.arange(start, stop))
-
-    def positions(self, slide: int, tiles: np.ndarray | None = None) -> torch.Tensor | None:
-        """Grid positions of a training slide's tiles (all, or ``tiles``), when the aggregator is spatial."""
-        if not getattr(self.model.aggregator, "uses_positions", False):
-            return None
-        grid = self._grids.get(slide)
-        if grid is None:
-            grid = self._grids[slide] = tile_positions(self.train_src[slide])
-        return grid if tiles is None else grid[torch.as_tensor(np.asarray(tiles), dtype=torch.long)]
 
     def _optimizer_step(self) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
