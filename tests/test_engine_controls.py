@@ -109,15 +109,18 @@ def test_check_grad_scenarios_match_the_reference() -> None:
     """The scenarios of ``check-grad --suite`` at 2 processes (both tile-parallel layouts, in one launch), but the
     ones CI runs elsewhere, to keep CI under 15 minutes on 2 cores: ``default`` (gma; tests/test_engine_distributed.py
     runs it at 1, 2 and 4 processes) and ``abmil``/``mean``/``max`` (every mode, one process, in
-    tests/test_engine_step.py); ``resnet18`` and the spatial/slide-encoder scenarios run two modes here (full and
-    recompute: the graph path and the streamed one; the latter three one engine call per step, accumulation being
+    tests/test_engine_step.py); ``resnet18`` and ``positions-gma`` run two modes here (full and
+    recompute: the graph path and the streamed one), ``alibi`` and ``chief`` recompute only (their aggregator paths
+    are the same in every mode), the spatial and slide-encoder scenarios one engine call per step (accumulation is
     the other scenarios'), and every scenario two steps. The suite itself (``fullslide check-grad --suite``) runs all of them in full."""
     import dataclasses
 
-    two_modes = ("resnet18", "positions-gma", "alibi", "chief")  # the mode logic is the other scenarios'
-    specs = [dataclasses.replace(s, modes=["full", "recompute"] if s.name in two_modes else s.modes,
+    two_modes = ("resnet18", "positions-gma")  # the mode logic is the other scenarios'
+    one_call = ("positions-gma", "alibi", "chief")  # accumulation is the other scenarios'
+    modes = {s: ["full", "recompute"] for s in two_modes} | {"alibi": ["recompute"], "chief": ["recompute"]}
+    specs = [dataclasses.replace(s, modes=modes.get(s.name, s.modes),
                                  steps=min(s.steps, 2),  # two teacher-forced steps: still past the first update
-                                 micro_batches=1 if s.name in two_modes[1:] else s.micro_batches)
+                                 micro_batches=1 if s.name in one_call else s.micro_batches)
              for s in suite_specs() if s.name not in ("default", "abmil", "mean", "max")]
     rows, refs = run_checks(specs, [2], progress=lambda m: None)
     assert len(rows) == sum(len(s.modes) * 2 for s in specs)

@@ -241,7 +241,7 @@ def test_every_recipe_has_a_card_check_and_its_stated_size() -> None:
     from fullslide.models.recipes import RECIPES
     from fullslide.models.registry import recipe_parameter_count
 
-    checked = set(CARDS) | {"conch", "resnet50-trunc", "phikon", "phikon-v2"}
+    checked = set(CARDS) | {"conch", "resnet50-trunc", "phikon", "phikon-v2", "ctranspath"}
     assert set(RECIPES) == checked, set(RECIPES) ^ checked
     assert len(RECIPES) >= 20
     for recipe in RECIPES.values():
@@ -433,3 +433,50 @@ def test_the_encoders_table_prints_without_torch_or_timm() -> None:
     assert out.returncode == 0, out.stderr
     assert "resize 256 bicubic -> centre crop 224" in out.stdout and "attentional pooler" in out.stdout
     assert sum(1 for line in out.stdout.splitlines() if "https://" in line) >= 20
+
+
+def test_ctranspath_equals_its_timm_0_5_swin_with_the_conv_stem(tmp_path: Path) -> None:
+    """CTransPath as TRIDENT and CHIEF build it: timm 0.5.4's Swin-T (the ``timm_ctp`` package the card names) with
+    the convolutional stem (written here from the TransPath repository), its head removed; the file is that
+    network's state dict under ``model``, without the attention masks (as CHIEF_CTransPath.pth ships)."""
+    timm_ctp = pytest.importorskip("timm_ctp", reason="test extra: pip install -e '.[test]'")
+
+    class CardConvStem(nn.Module):
+        def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=768, norm_layer=None, flatten=True):
+            super().__init__()
+            self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+            self.grid_size = (img_size // patch_size, img_size // patch_size)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+            self.flatten = flatten
+            stem, c_in, c_out = [], 3, embed_dim // 8
+            for _ in range(2):
+                stem += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                c_in, c_out = c_out, c_out * 2
+            self.proj = nn.Sequential(*stem, nn.Conv2d(c_in, embed_dim, 1))
+            self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+        def forward(self, x):
+            x = self.proj(x)
+            return self.norm(x.flatten(2).transpose(1, 2) if self.flatten else x)
+
+    torch.manual_seed(6)
+    card = timm_ctp.create_model("swin_tiny_patch4_window7_224", embed_layer=CardConvStem, pretrained=False,
+                                 img_size=224)
+    card.head = nn.Identity()
+    with torch.no_grad():  # BatchNorm statistics and weights that make the input matter
+        for name, b in card.named_buffers():
+            if name.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                b.normal_(0, 0.2)
+    card.eval()
+    state = {k: v for k, v in card.state_dict().items() if not k.endswith("attn_mask")}
+    weights = _save({"model": state}, tmp_path / "CHIEF_CTransPath.pth")
+    encoder = _fullslide_encoder(tmp_path, "ctranspath", weights, 224, {})
+    for tile_px in (224, 256):
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            want = card(_card_input(tiles, IMAGENET, resize((224, 224))))
+            ours = encoder(tiles)
+        assert ours.shape == (2, 768) == want.shape and float((want[0] - want[1]).abs().max()) > 1e-2
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))

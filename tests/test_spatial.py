@@ -108,13 +108,12 @@ def test_chief_loads_its_released_file_strictly_and_gives_the_cards_slide_embedd
 
 
 # ---- the pipeline hands the aggregator the tiles' true places ------------------------------------------------
-@pytest.mark.parametrize("context", ["none", "cache"])
-def test_training_and_prediction_give_each_tile_its_place_on_the_slide(split_cohort: Path, tmp_path: Path, context: str,
+def test_training_and_prediction_give_each_tile_its_place_on_the_slide(split_cohort: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Every position the ALiBi transformer receives is a tile's level-0 origin divided by the tile's level-0
-    side, and the positions of one call are those of the slide whose features they come with: with K = all (or
-    K = 8 plus the cached rows of the other tiles) each call holds every tile of one slide once, and over the epoch
-    each training and validation slide is seen once. At prediction: every tile, in the coordinates' order."""
+    side, and the positions of one call are those of the slide whose features they come with: with K = 8 sampled
+    tiles plus the cached rows of the other tiles (``train.context: cache``) each call holds every tile of one
+    slide once, and over the epoch each training and validation slide is seen once. At prediction: every tile, in the coordinates' order."""
     from collections import Counter
 
     from fullslide.slides import read_coords
@@ -126,8 +125,8 @@ def test_training_and_prediction_give_each_tile_its_place_on_the_slide(split_coh
         "run_dir": str(tmp_path / "run"),
         "data": {"cohort": str(split_cohort), "target_mpp": 2.0, "tile_px": 32, "split_method": "column"},
         "encoder": {"name": "tinycnn"}, "aggregator": {"name": "transformer", "kwargs": {"alibi": True}},
-        "train": {"epochs": 1, "tiles_per_slide": "all" if context == "none" else 8, "slides_per_step": 1,
-                  "loader_workers": 0, "mode": "recompute", "context": context, "chunk_tiles": 4},
+        "train": {"epochs": 1, "tiles_per_slide": 8, "slides_per_step": 1, "loader_workers": 0, "mode": "recompute",
+                  "context": "cache", "chunk_tiles": 4},
         "eval": {"bootstrap": 0},
     })
     trainer = Trainer(config, progress=False)

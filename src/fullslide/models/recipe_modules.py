@@ -7,6 +7,8 @@ released checkpoints' keys (so the files load strictly), their structure the mod
   query and on the tokens), then ``ln_contrast``: ``[N, 512]``.
 - ``resnet50_trunc``: CLAM's ImageNet baseline (Lu et al. 2021): ResNet-50 up to layer3 (1024 channels), the map
   averaged over space.
+- ``ctranspath``: CTransPath (Wang et al. 2022, Med. Image Anal. 81: 102559): timm's Swin-T with a convolutional
+  stem in place of the patch embedding; the final-norm map averaged over space (768).
 """
 
 from __future__ import annotations
@@ -73,6 +75,37 @@ class TruncatedResNet(nn.Module):
         return maps.mean(dim=(2, 3))
 
 
+class ConvStem(nn.Module):
+    """CTransPath's stem: two 3x3 stride-2 convolutions with BatchNorm and ReLU (3 -> D/8 -> D/4 channels), a 1x1
+    convolution to D, then the patch norm; gives timm's Swin the ``[N, H/4, W/4, D]`` map its patch embedding
+    would (parameter names as in the released file: ``proj.0`` ... ``proj.6``, ``norm``)."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4, in_chans: int = 3,
+                 embed_dim: int = 96, norm_layer: Any = None, **_: Any) -> None:
+        super().__init__()
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size, self.patch_size = size, (4, 4)
+        self.grid_size = (size[0] // 4, size[1] // 4)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[nn.Module] = []
+        channels, out = in_chans, embed_dim // 8
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            channels, out = out, out * 2
+        layers.append(nn.Conv2d(channels, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # [N, H/4, W/4, D]
+
+
+def _ctranspath(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    return timm.create_model(arch, pretrained=False, num_classes=0, embed_layer=ConvStem,
+                             drop_path_rate=drop_path_rate, **kwargs)
+
+
 def _conch(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
     trunk = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path_rate,
                               **kwargs)
@@ -88,4 +121,5 @@ def _resnet50_trunc(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate
 BUILDERS: dict[str, Callable[[Any, str, dict[str, Any], float], nn.Module]] = {
     "conch": _conch,
     "resnet50_trunc": _resnet50_trunc,
+    "ctranspath": _ctranspath,
 }

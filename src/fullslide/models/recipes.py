@@ -125,9 +125,15 @@ def pool_class_and_patch_mean(tokens: Any, prefix_tokens: int) -> Any:
     return torch.cat([tokens[:, 0], tokens[:, prefix_tokens:].mean(1)], dim=-1)
 
 
+def pool_map_mean(tokens: Any, prefix_tokens: int) -> Any:
+    """A channels-last feature map ``[N, H, W, D]`` -> its spatial mean ``[N, D]`` (Swin: CTransPath)."""
+    return tokens.mean(dim=(1, 2))
+
+
 POOLINGS: dict[str, Callable[[Any, int], Any]] = {
     "class_token": pool_class_token,
     "class_token+patch_mean": pool_class_and_patch_mean,
+    "map_mean": pool_map_mean,
 }
 
 _UNI_NOTE = "ImageNet mean/std, not timm's 0.5 default for this architecture"
@@ -221,6 +227,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("gpfm", "vit_large_patch14_dinov2", _frozen(img_size=224, init_values=1e-5, dynamic_img_size=True),
            *IMAGENET, 224, True, "class_token", 1024, 0.5, ("GPFM.pth",), interpolation="bicubic",
            source="https://huggingface.co/majiabo/GPFM", notes=_TRIDENT, params_m=303.2),
+    # CTransPath (Wang et al. 2022, Med. Image Anal.): Swin-T with a convolutional stem, ImageNet mean/std,
+    # Resize(224) bilinear; the file TRIDENT and CHIEF use (CHIEF_CTransPath.pth, key layout of timm 0.5.4)
+    Recipe("ctranspath", "swin_tiny_patch4_window7_224", _frozen(img_size=224), *IMAGENET, 224, False, "map_mean", 768,
+           0.5, ("CHIEF_CTransPath.pth", "ctranspath.pth"), layout="ctranspath", builder="ctranspath",
+           source="https://github.com/Xiyue-Wang/TransPath", params_m=27.5,
+           notes=_TRIDENT + "; no magnification is stated with the weights: 0.5 um/px as for the others"),
     # CLAM's baseline (Lu et al. 2021, Nat. Biomed. Eng.): ImageNet ResNet-50 truncated after layer3 (1024
     # channels), average-pooled; torchvision's weights as timm ships them (layer4 and fc are not used)
     Recipe("resnet50-trunc", "resnet50", _frozen(), *IMAGENET, 224, True, "module", 1024, 0.5,

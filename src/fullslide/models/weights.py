@@ -145,6 +145,19 @@ def chief_slide_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return kept or dict(state)
 
 
+def swin_v054_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Swin file of timm 0.5 (CTransPath's) -> today's timm Swin: each stage's patch merging moves from the end of
+    stage i to the start of stage i + 1 (same tensors, same channel order), and the attention-mask and
+    relative-position-index buffers, which timm now computes, are dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith((".attn_mask", ".relative_position_index")):
+            continue
+        m = re.match(r"^layers\.(\d+)\.downsample\.(.+)$", key)
+        out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else key] = value
+    return out
+
+
 def resnet_trunc(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A full ResNet's file -> the tensors of its stem and first three stages (``layer4``/``fc`` are not used)."""
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
@@ -157,6 +170,7 @@ CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Ten
     "hf_dinov2": hf_to_timm,
     "resnet_trunc": resnet_trunc,
     "chief": chief_slide_encoder,
+    "ctranspath": swin_v054_to_timm,
 }
 
 
