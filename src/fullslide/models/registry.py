@@ -217,7 +217,7 @@ def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: f
     base = {"pretrained": hub, "num_classes": 0, "drop_rate": drop_rate, "drop_path_rate": drop_path_rate, **kwargs}
     try:
         try:  # ViT-style models take img_size so that tiles other than 224 px work; CNNs do not accept it
-            model = timm.create_model(name, **({"img_size": tile_px} | base if "img_size" not in base else base))
+            model = timm.create_model(name, **{"img_size": tile_px, **base})  # the card's img_size wins
         except TypeError:
             model = timm.create_model(name, **{k: v for k, v in base.items() if k != "img_size"})
         if hub_cfg:  # mean/std (and the rest) as the card's config.json gives them, not timm's defaults

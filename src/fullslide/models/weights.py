@@ -131,21 +131,23 @@ def hf_to_timm(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None 
 _CONCH_KEEP = ("visual.trunk.", "visual.attn_pool_contrast.", "visual.ln_contrast.")
 
 
-def conch_visual(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def conch_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """CONCH's full checkpoint -> its image embedding's tensors (``trunk.*``, ``attn_pool_contrast.*``,
     ``ln_contrast.*``); a file without ``visual.`` keys is returned as is (and reported by the strict check)."""
     kept = {k[len("visual."):]: v for k, v in state.items() if k.startswith(_CONCH_KEEP)}
+    if origin is not None:
+        origin.update({k: "visual." + k for k in kept})
     return kept or dict(state)
 
 
 #: CHIEF_pretraining.pth: the slide encoder is ``attention_net``; the rest are pretraining heads and text parts.
-def chief_slide_encoder(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def chief_slide_encoder(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """CHIEF's pretraining file -> its slide encoder's tensors (``attention_net.*``)."""
     kept = {k: v for k, v in state.items() if k.startswith("attention_net.")}
     return kept or dict(state)
 
 
-def swin_v054_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def swin_v054_to_timm(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A Swin file of timm 0.5 (CTransPath's) -> today's timm Swin: each stage's patch merging moves from the end of
     stage i to the start of stage i + 1 (same tensors, same channel order), and the attention-mask and
     relative-position-index buffers, which timm now computes, are dropped."""
@@ -154,17 +156,27 @@ def swin_v054_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
         if key.endswith((".attn_mask", ".relative_position_index")):
             continue
         m = re.match(r"^layers\.(\d+)\.downsample\.(.+)$", key)
-        out[f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else key] = value
+        new = f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else key
+        out[new] = value
+        if origin is not None and new != key:
+            origin[new] = key
     return out
 
 
-def resnet_trunc(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def resnet_trunc(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A full ResNet's file -> the tensors of its stem and first three stages (``layer4``/``fc`` are not used)."""
     return {k: v for k, v in state.items() if not k.startswith(("layer4.", "fc."))}
 
 
-CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
-    "timm": dict,
+def timm_layout(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """A file already in timm's layout: its keys as they are."""
+    return dict(state)
+
+
+#: Layout -> converter ``(state, origin) -> state in the module's key names``; ``origin`` (a dict, or None) receives
+#: renamed key -> the file's key, so that errors name what the file holds.
+CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor], dict[str, str] | None], dict[str, torch.Tensor]]] = {
+    "timm": timm_layout,
     "conch": conch_visual,
     "hf_vit": hf_to_timm,
     "hf_dinov2": hf_to_timm,
@@ -209,9 +221,7 @@ def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "
         raise ModelError(f"unknown weight layout '{layout}' (known: {', '.join(CONVERTERS)})")
     own = module.state_dict()
     origin: dict[str, str] = {}
-    raw = read_tensors(path)
-    converted = hf_to_timm(raw, origin) if CONVERTERS[layout] is hf_to_timm else CONVERTERS[layout](raw)
-    state = strip_prefixes(converted, own, origin)
+    state = strip_prefixes(CONVERTERS[layout](read_tensors(path), origin), own, origin)
     state = {k: v for k, v in state.items() if k in own or not IGNORED.match(k)}
     matched = [k for k in state if k in own]
 
