@@ -110,14 +110,14 @@ def test_check_grad_scenarios_match_the_reference() -> None:
     ones CI runs elsewhere, to keep CI under 15 minutes on 2 cores: ``default`` (gma; tests/test_engine_distributed.py
     runs it at 1, 2 and 4 processes) and ``abmil``/``mean``/``max`` (every mode, one process, in
     tests/test_engine_step.py); ``resnet18`` and ``positions-gma`` run two modes here (full and
-    recompute: the graph path and the streamed one), ``alibi`` and ``chief`` recompute only (their aggregator paths
+    recompute: the graph path and the streamed one), ``alibi``, ``chief`` and ``gigapath-slide`` recompute only (their aggregator paths
     are the same in every mode), the spatial and slide-encoder scenarios one engine call per step (accumulation is
     the other scenarios'), and every scenario two steps. The suite itself (``fullslide check-grad --suite``) runs all of them in full."""
     import dataclasses
 
     two_modes = ("resnet18", "positions-gma")  # the mode logic is the other scenarios'
-    one_call = ("positions-gma", "alibi", "chief")  # accumulation is the other scenarios'
-    modes = {s: ["full", "recompute"] for s in two_modes} | {"alibi": ["recompute"], "chief": ["recompute"]}
+    one_call = ("positions-gma", "alibi", "chief", "gigapath-slide")  # accumulation is the other scenarios'
+    modes = {s: ["full", "recompute"] for s in two_modes} | {s: ["recompute"] for s in one_call[1:]}
     fewer_tiles = {"resnet18": [12, 9, 5], "chief": [7, 5, 9]}  # the costliest encoders: smaller slides suffice
     specs = [dataclasses.replace(s, modes=modes.get(s.name, s.modes), tiles=fewer_tiles.get(s.name, s.tiles),
                                  steps=min(s.steps, 2),  # two teacher-forced steps: still past the first update

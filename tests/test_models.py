@@ -15,19 +15,22 @@ from fullslide.models import AGGREGATORS, create_aggregator, create_encoder, rea
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_aggregators_give_slide_logits_and_per_tile_scores(name: str) -> None:
     torch.manual_seed(0)
-    agg = create_aggregator(name, in_dim=12, n_classes=3).eval()
+    small = {"gigapath-slide": {"dim": 32, "depth": 1}}  # Prov-GigaPath's is 768-d, 12 layers
+    agg = create_aggregator(name, in_dim=12, n_classes=3, **small.get(name, {})).eval()
     feats = torch.randn(17, 12)
+    grid = torch.stack([torch.arange(17) % 5, torch.arange(17) // 5], 1).float()  # distinct places on the slide
+    spatial = getattr(agg, "uses_positions", False)  # needs where the tiles lie (then: sorts them)
     with torch.no_grad():
-        out = agg(feats)
+        out = agg(feats, grid) if spatial else agg(feats)
     assert out.logits.shape == (3,)
     assert out.attention.shape == (17,)
-    if name in ("gma", "abmil", "transformer", "chief"):
+    if name in ("gma", "abmil", "transformer", "chief", "gigapath-slide"):
         assert torch.all(out.attention >= 0) and abs(float(out.attention.sum()) - 1) < 1e-5
     else:
         assert out.tile_logits is not None and out.tile_logits.shape == (17, 3)
     perm = torch.randperm(17)
     with torch.no_grad():
-        shuffled = agg(feats[perm])  # MIL pooling is permutation invariant
+        shuffled = agg(feats[perm], grid[perm]) if spatial else agg(feats[perm])  # MIL pooling is permutation invariant
     assert torch.allclose(shuffled.logits, out.logits, atol=1e-5)
     assert torch.allclose(shuffled.attention, out.attention[perm], atol=1e-5)
 

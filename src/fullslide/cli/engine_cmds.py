@@ -190,7 +190,9 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     print("Tiles of any size are resized on the compute device as the card's transform does (resize, centre crop, "
           "its kernel); * fixed input size.")
     print("Slide encoders (aggregator.name, fine-tuned with the tile encoder): chief - CHIEF's (768-d tile features, "
-          "pretrained on CTransPath's; aggregator.weights: CHIEF_pretraining.pth, https://github.com/hms-dbmi/CHIEF). "
+          "pretrained on CTransPath's; aggregator.weights: CHIEF_pretraining.pth, https://github.com/hms-dbmi/CHIEF); "
+          "gigapath-slide - Prov-GigaPath's LongNet (1536-d GigaPath tile features; aggregator.weights: "
+          "slide_encoder.pth, https://huggingface.co/prov-gigapath/prov-gigapath). "
           "Spatial aggregators: transformer {alibi: true}, gma {positional: true}.")
     print("Use: encoder: {name: uni, weights: /models/uni/pytorch_model.bin}. fullslide never downloads weights.")
     return 0

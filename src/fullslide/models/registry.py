@@ -2,7 +2,8 @@
 
 Encoders: ``tinycnn`` (built in), any timm name (``resnet18``, ``vit_base_patch16_224``, ...), ``hf-hub:org/name``
 where a hub is reachable, or a user factory ``package.module:callable``. Weights come from a local file.
-Aggregators: ``gma``, ``abmil``, ``mean``, ``max``, ``transformer`` or a user factory.
+Aggregators: ``gma``, ``abmil``, ``mean``, ``max``, ``transformer``, the slide encoders ``chief`` and
+``gigapath-slide``, or a user factory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fullslide.errors import ModelError
 from fullslide.models import aggregators as agg
 from fullslide.models.encoders import IMAGENET_MEAN, IMAGENET_STD, RecipeBackbone, TileEncoder, TinyCNN
 from fullslide.models.recipes import Recipe, get_recipe
+from fullslide.models.slide_encoders import GigaPathSlideEncoder
 from fullslide.models.weights import load_encoder_weights
 
 if TYPE_CHECKING:
@@ -31,10 +33,14 @@ AGGREGATORS: dict[str, Callable[..., nn.Module]] = {
     "max": agg.MaxMIL,
     "transformer": agg.TransformerMIL,
     "chief": agg.CHIEFSlideEncoder,
+    "gigapath-slide": GigaPathSlideEncoder,
 }
 #: Aggregators with a released weight file: its key layout (a key of fullslide.models.weights.CONVERTERS) and the
 #: module prefixes the file does not hold (the task's new head).
-AGGREGATOR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {"chief": ("chief", ("head.",))}
+AGGREGATOR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chief": ("chief", ("head.",)),  # CHIEF_pretraining.pth
+    "gigapath-slide": ("gigapath_slide", ("head.",)),  # Prov-GigaPath's slide_encoder.pth
+}
 
 BUILTIN_ENCODERS: dict[str, Callable[..., nn.Module]] = {"tinycnn": TinyCNN}
 
@@ -235,7 +241,9 @@ def load_aggregator_weights(name: str, aggregator: nn.Module, path: str | Path, 
         raise ModelError(f"aggregator '{name}' has no released weight layout (aggregators with weights: "
                          f"{', '.join(AGGREGATOR_FILES)})")
     layout, new = AGGREGATOR_FILES[name]
-    load_encoder_weights(aggregator, path, layout=layout, strict=strict, may_miss=new)
+    unused = getattr(aggregator, "unused_file_prefixes", None)
+    load_encoder_weights(aggregator, path, layout=layout, strict=strict, may_miss=new,
+                         skip=unused() if callable(unused) else ())
 
 
 def create_aggregator(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> nn.Module:

@@ -147,6 +147,13 @@ def chief_slide_encoder(state: Mapping[str, torch.Tensor], origin: dict[str, str
     return kept or dict(state)
 
 
+def gigapath_slide_encoder(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """Prov-GigaPath's ``slide_encoder.pth`` (``model``): its keys as they are, but a saved ``pos_embed`` (the fixed
+    sine/cosine table, a non-persistent buffer in the released code, computed by fullslide per tile)."""
+    return {k: v for k, v in state.items() if k != "pos_embed"}
+
+
 def swin_v054_to_timm(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """A Swin file of timm 0.5 (CTransPath's) -> today's timm Swin: each stage's patch merging moves from the end of
     stage i to the start of stage i + 1 (same tensors, same channel order), and the attention-mask and
@@ -182,6 +189,7 @@ CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor], dict[str, str] | Non
     "hf_dinov2": hf_to_timm,
     "resnet_trunc": resnet_trunc,
     "chief": chief_slide_encoder,
+    "gigapath_slide": gigapath_slide_encoder,
     "ctranspath": swin_v054_to_timm,
 }
 
@@ -214,14 +222,16 @@ def _hints(missing: list[str], unexpected: list[str], *, nothing_matched: bool =
 
 
 def load_encoder_weights(module: nn.Module, path: str | Path, *, layout: str = "timm", strict: bool = True,
-                         may_miss: tuple[str, ...] = ()) -> None:
+                         may_miss: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
     """Load ``path`` into ``module`` (converted from ``layout``); see the module docstring for strictness.
-    ``may_miss``: module prefixes the file is not expected to hold (a new task head), never reported missing."""
+    ``may_miss``: module prefixes the file is not expected to hold (a new task head), never reported missing;
+    ``skip``: prefixes of the file's (converted) keys the module's configuration does not use."""
     if layout not in CONVERTERS:
         raise ModelError(f"unknown weight layout '{layout}' (known: {', '.join(CONVERTERS)})")
     own = module.state_dict()
     origin: dict[str, str] = {}
-    state = strip_prefixes(CONVERTERS[layout](read_tensors(path), origin), own, origin)
+    converted = CONVERTERS[layout](read_tensors(path), origin)
+    state = strip_prefixes({k: v for k, v in converted.items() if not k.startswith(skip)}, own, origin)
     state = {k: v for k, v in state.items() if k in own or not IGNORED.match(k)}
     matched = [k for k in state if k in own]
 

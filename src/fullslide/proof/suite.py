@@ -17,7 +17,10 @@ Each scenario is a :class:`~fullslide.proof.checkgrad.CheckSpec` chosen so that 
 - ``positions-gma`` and ``alibi``: aggregators that use the tiles' positions on the slide (GMA with 2-D
   sine/cosine positions, streamed chunk by chunk; a transformer with 2-D ALiBi, one whole-slide call), with
   context rows placed on the grid too;
-- ``chief``: CHIEF's slide encoder as the aggregator, trained with the tile encoder (streamed attention pooling).
+- ``chief``: CHIEF's slide encoder as the aggregator, trained with the tile encoder (streamed attention pooling);
+- ``gigapath-slide``: Prov-GigaPath's LongNet slide encoder (narrowed; segments of 4 and 8 tiles and the whole
+  slide, dilations 1, 2, 4: padded segments and head groups), one whole-slide call with context rows, fine-tuned
+  with the tile encoder.
 
 On a 2-core CPU the suite takes a few minutes (BENCHMARKS.md); ``--nproc`` limits the process counts.
 """
@@ -29,6 +32,9 @@ from fullslide.proof.checkgrad import CheckSpec
 _TWO = [1, 2]
 _VIT12 = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 12, "num_heads": 2}
 _SOME_MODES = ["full", "checkpoint", "recompute", "auto-half"]
+#: Prov-GigaPath's slide encoder narrowed for a CPU check (dropout on, so its seeding is checked too)
+_GIGAPATH_SMALL = {"dim": 32, "depth": 2, "heads": 8, "segment_length": [4, 8, 4096], "dilated_ratio": [1, 2, 4],
+                   "dropout": 0.1, "drop_path": 0.1}
 
 
 def suite_specs(device: str = "cpu") -> list[CheckSpec]:
@@ -58,6 +64,8 @@ def suite_specs(device: str = "cpu") -> list[CheckSpec]:
         # a slide encoder fine-tuned with the tile encoder: CHIEF's (768-d input: tinycnn of width 192)
         CheckSpec(name="chief", aggregator="chief", encoder_kwargs={"width": 192}, modes=_SOME_MODES, nprocs=_TWO,
                   **small),
+        CheckSpec(name="gigapath-slide", aggregator="gigapath-slide", aggregator_kwargs=_GIGAPATH_SMALL,
+                  modes=_SOME_MODES, context_tiles=[12, 0, 7], nprocs=_TWO, **small),
         CheckSpec(name="resnet18", encoder="resnet18", tiles=[24, 17, 9], slides=3, tile_px=16, chunk_tiles=8,
                   modes=_SOME_MODES, nprocs=_TWO, device=device),
     ]
