@@ -65,7 +65,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--encoder", default="tinycnn", help="encoder name: tinycnn, a timm name, or package.module:callable")
     p.add_argument("--weights", default=None, help="local encoder weights (.safetensors/.pth/.bin)")
     p.add_argument("--aggregator", default="gma",
-                   help="gma, abmil, mean, max, transformer, chief or package.module:callable")
+                   help="gma, abmil, mean, max, transformer, chief, gigapath-slide or package.module:callable")
     p.add_argument("--aggregator-kwargs", type=_yaml_mapping, default={},
                    help="aggregator arguments as YAML, e.g. '{alibi: true}' (transformer with 2-D ALiBi over the "
                         "tiles' positions) or '{positional: true}' (gma)")

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fullslide.models.aggregators import AggregatorOutput
@@ -212,7 +213,9 @@ class GigaPathSlideEncoder(nn.Module):
     a list (e.g. ``[11]``, GigaPath's fine-tuning default ``--feat_layer 11``) takes those hidden states (0 = the
     input embedding, i = after layer i; without ``encoder.layer_norm``, as ``all_layer_embed=True`` does), each
     through ``norm``, concatenated; layers after the last listed one are not built (their file tensors are
-    skipped). ``sort_tiles``: order the tiles by GigaPath's position index before the encoder (dilated attention
+    skipped). ``checkpoint_layers``: keep only each layer's input for the backward and re-run the layer there (its
+    attention scores are the memory: ~21 L scores per token for L <= 1024 tokens, up to ~140 thousand per token
+    beyond), so one layer's scores are held at a time instead of all of them. ``sort_tiles``: order the tiles by GigaPath's position index before the encoder (dilated attention
     depends on the order; sorting makes the slide's embedding independent of how its tiles were sampled or
     sharded); the heatmap comes back in the input order.
     """
@@ -224,7 +227,7 @@ class GigaPathSlideEncoder(nn.Module):
         dropout: float = 0.1, drop_path: float = 0.0, max_wsi_size: int = 262144, tile_size: int = 256,
         segment_length: Sequence[int] | None = None, dilated_ratio: Sequence[int] = (1, 2, 4, 8, 16),
         slide_ngrids: int = 1000, tile_level0_px: float = 512.0, global_pool: bool = False,
-        layers: Sequence[int] | None = None, sort_tiles: bool = True,
+        layers: Sequence[int] | None = None, sort_tiles: bool = True, checkpoint_layers: bool = True,
     ) -> None:
         super().__init__()
         segments = list(segment_length) if segment_length is not None else longnet_segment_lengths(
@@ -236,6 +239,7 @@ class GigaPathSlideEncoder(nn.Module):
         built = depth if self.layers_out is None else self.layers_out[-1]
         self.depth = int(depth)
         self.dim, self.grid, self.global_pool, self.sort_tiles = dim, int(slide_ngrids), bool(global_pool), bool(sort_tiles)
+        self.checkpoint_layers = bool(checkpoint_layers)
         self.scale = float(tile_level0_px) / GIGAPATH_CELL_PX
         self.patch_embed = _PatchEmbed(in_dim, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -285,7 +289,10 @@ class GigaPathSlideEncoder(nn.Module):
         for i, layer in enumerate(self.encoder.layers):
             if i == len(self.encoder.layers) - 1:
                 attention = layer.self_attn.first_token_affinity(layer.self_attn_layer_norm(x))[1:]
-            x = layer(x)
+            if self.checkpoint_layers and torch.is_grad_enabled() and x.requires_grad:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)  # same dropout when re-run
+            else:
+                x = layer(x)
             states.append(x)
         if self.layers_out is None:
             picked = [self.encoder.layer_norm(x)]
