@@ -218,6 +218,61 @@ def test_conch_gives_the_cards_512_d_image_embedding(tmp_path: Path) -> None:
         assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
 
 
+def _conch_v15_card(tmp_path: Path):
+    """CONCH v1.5's vision tower as the card builds it (written here from TRIDENT's ``conchv1_5.py``, its facts):
+    a ViT-L/16 with LayerScale for 224 px whose file position embedding (here a 28 x 28 grid) is resampled
+    bilinearly to 14 x 14 at load; at 448 px the patch part is interpolated bicubic with scale (28 + 0.1) / 14;
+    trunk norm; one query -> ln_q -> to_q, tokens -> ln_k -> to_kv, 8 heads, to_out, ln_contrast."""
+    torch.manual_seed(6)
+    trunk = _make_input_matter(timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0,
+                                                 global_pool="", img_size=224, init_values=1.0, depth=1)).eval()
+    pool = nn.ModuleDict({"ln_q": nn.LayerNorm(768), "ln_k": nn.LayerNorm(1024), "to_q": nn.Linear(768, 768, bias=False),
+                          "to_kv": nn.Linear(1024, 1536, bias=False), "to_out": nn.Linear(768, 768, bias=False)})
+    query, ln_contrast = nn.Parameter(torch.randn(1, 768)), nn.LayerNorm(768)
+    with torch.no_grad():
+        for p in list(pool.parameters()) + list(ln_contrast.parameters()):
+            p.add_(torch.randn_like(p) * 0.3)
+    file_pos = torch.randn(1, 1 + 28 * 28, 1024)  # the file's own grid
+    with torch.no_grad():  # the card's load: bilinear, no antialias, to the 14 x 14 grid it builds
+        grid = nn.functional.interpolate(file_pos[:, 1:].reshape(1, 28, 28, 1024).permute(0, 3, 1, 2), size=(14, 14),
+                                         mode="bilinear", antialias=False)
+        trunk.pos_embed.copy_(torch.cat([file_pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 196, 1024)], 1))
+    state = {**{f"trunk.{k}": v for k, v in trunk.state_dict().items()}, "trunk.pos_embed": file_pos,
+             **{f"attn_pool_contrast.{k}": v for k, v in pool.state_dict().items()},
+             "attn_pool_contrast.query": query.detach(), **{f"ln_contrast.{k}": v for k, v in ln_contrast.state_dict().items()}}
+
+    def card(x: torch.Tensor) -> torch.Tensor:
+        b, _, w, h = x.shape
+        t = torch.cat([trunk.cls_token.expand(b, -1, -1), trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)], 1)
+        pos = trunk.pos_embed
+        patch = nn.functional.interpolate(pos[:, 1:].reshape(1, 14, 14, 1024).permute(0, 3, 1, 2), mode="bicubic",
+                                          scale_factor=((w // 16 + 0.1) / 14, (h // 16 + 0.1) / 14))
+        t = t + torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, 1024)], 1)
+        for block in trunk.blocks:
+            t = block(t)
+        kv = pool["to_kv"](pool["ln_k"](trunk.norm(t)))
+        q = pool["to_q"](pool["ln_q"](query))  # [1, 768]
+        heads = lambda z: z.reshape(*z.shape[:-1], 8, 96).transpose(-2, -3)  # noqa: E731
+        k, v = heads(kv[..., :768]), heads(kv[..., 768:])  # [B, 8, T, 96]
+        attn = torch.softmax((heads(q)[None] * 96**-0.5) @ k.transpose(-1, -2), dim=-1)  # [B, 8, 1, T]
+        out = pool["to_out"]((attn @ v).transpose(1, 2).reshape(b, 1, 768))[:, 0]
+        return ln_contrast(out)
+
+    return card, _save(state, tmp_path / "conchv1_5" / "pytorch_model_vision.bin")
+
+
+def test_conch_v15_gives_the_cards_768_d_embedding(tmp_path: Path) -> None:
+    card, weights = _conch_v15_card(tmp_path)
+    for tile_px in (448, 512):  # TITAN's 512-px tiles are resized to 448
+        encoder = _fullslide_encoder(tmp_path, "conch-v1.5", weights, tile_px, {"depth": 1})
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            want = card(_card_input(tiles, IMAGENET, resize(448, BILINEAR, crop=448)))
+            ours = encoder(tiles)
+        assert ours.shape == (2, 768) and float((want[0] - want[1]).abs().max()) > 1e-1
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
+
+
 def test_clam_truncated_resnet50_is_layer3_average_pooled(tmp_path: Path) -> None:
     """CLAM's baseline: the full ResNet-50 file (layer4 and fc included, as timm/torchvision ship it) loads; the
     features are timm's own layer3 map of the card's 224 px input, averaged."""
@@ -241,7 +296,7 @@ def test_every_recipe_has_a_card_check_and_its_stated_size() -> None:
     from fullslide.models.recipes import RECIPES
     from fullslide.models.registry import recipe_parameter_count
 
-    checked = set(CARDS) | {"conch", "resnet50-trunc", "phikon", "phikon-v2", "ctranspath"}
+    checked = set(CARDS) | {"conch", "conch-v1.5", "resnet50-trunc", "phikon", "phikon-v2", "ctranspath"}
     assert set(RECIPES) == checked, set(RECIPES) ^ checked
     assert len(RECIPES) >= 20
     for recipe in RECIPES.values():

@@ -183,8 +183,9 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     for r in RECIPES.values():
         files = "/".join(r.files) + ("" if r.layout == "timm" else f" ({r.layout})")
         size = f"{r.input_px}" + ("" if r.dynamic_size else "*")
-        embedding = r.pooling if r.pooling != "module" else {"conch": "attentional pooler", "resnet50_trunc":
-                                                              "layer3 average"}.get(r.builder, r.builder)
+        embedding = r.pooling if r.pooling != "module" else {
+            "conch": "attentional pooler", "conch_v15": "attentional pooler", "resnet50_trunc": "layer3 average",
+        }.get(r.builder, r.builder)
         print(f"{r.name:<15} {r.width:>5} {size:>5} {r.mpp:>4g} {r.params_m:>6.0f}M  {embedding:<22} "
               f"{r.transform():<38} {files:<36} {r.source}")
     print("Tiles of any size are resized on the compute device as the card's transform does (resize, centre crop, "

@@ -5,6 +5,12 @@ released checkpoints' keys (so the files load strictly), their structure the mod
   2024, Nat. Med.; CoCa's attentional pooling, Yu et al. 2022): the ViT-B/16 trunk's tokens (after its final
   norm), one learned query attending over them (8 heads, 512-d queries, 768-d keys/values; LayerNorms on the
   query and on the tokens), then ``ln_contrast``: ``[N, 512]``.
+- ``conch_v15``: CONCH v1.5, TITAN's tile encoder (Ding et al. 2024, "Multimodal whole slide foundation model for
+  pathology"; the card's vision tower, as TRIDENT builds it from ``pytorch_model_vision.bin``): a ViT-L/16 trunk
+  built for 224 px (LayerScale, final norm), its position embedding resampled to the 14 x 14 grid when loaded
+  (bilinear) and, for the card's 448 px input, interpolated as DINO/iBOT do (bicubic with scale factors
+  ``(28 + 0.1) / 14``); then one learned 768-d query attends over the 1024-d tokens (8 heads; LayerNorms on the
+  query and the tokens; bias-free ``to_q``, ``to_kv``, ``to_out``) and ``ln_contrast``: ``[N, 768]``.
 - ``resnet50_trunc``: CLAM's ImageNet baseline (Lu et al. 2021): ResNet-50 up to layer3 (1024 channels), the map
   averaged over space.
 - ``ctranspath``: CTransPath (Wang et al. 2022, Med. Image Anal. 81: 102559): timm's Swin-T with a convolutional
@@ -16,6 +22,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -54,6 +62,68 @@ class ConchVisual(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, 512]
+
+
+class QueryPool(nn.Module):
+    """Attentional pooling with separate projections (CONCH v1.5's ``attn_pool_contrast``): ``queries`` learned
+    queries of width ``dim`` over tokens of width ``context_dim``; ``to_q`` (dim -> dim), ``to_kv`` (context ->
+    2 dim), ``to_out`` (dim -> dim), no biases; ``[N, T, C]`` -> ``[N, queries, dim]``."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, queries: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(queries, dim) * dim**-0.5)
+        self.ln_q, self.ln_k = nn.LayerNorm(dim), nn.LayerNorm(context_dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)  # [N, T, dim] each
+        q = self.to_q(self.ln_q(self.query)).expand(n, -1, -1)  # [N, Q, dim]
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [N, heads, *, d]
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # scale d^-0.5
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class ConchV15Visual(nn.Module):
+    """CONCH v1.5's vision tower (module docstring; keys as in ``pytorch_model_vision.bin``)."""
+
+    def __init__(self, trunk: nn.Module, dim: int = 768, heads: int = 8) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = QueryPool(dim, int(trunk.num_features), heads, 1)
+        self.ln_contrast = nn.LayerNorm(dim)
+        self.num_features = dim
+        self.num_prefix_tokens = 1
+
+    def _pos_embed(self, height: int, width: int) -> torch.Tensor:
+        """The trunk's position embedding for an input of ``height x width`` px, as the card's iBOT ViT computes
+        it: unchanged at the built size, else the patch part interpolated bicubic by ``(grid + 0.1) / built``."""
+        pos = self.trunk.pos_embed  # [1, 1 + G^2, D]
+        built = int(round((pos.shape[1] - 1) ** 0.5))
+        patch = self.trunk.patch_embed.patch_size[0]
+        rows, cols = height // patch, width // patch
+        if rows * cols == built * built and height == width:
+            return pos
+        grid = pos[:, 1:].reshape(1, built, built, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((rows + 0.1) / built, (cols + 0.1) / built), mode="bicubic")
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.trunk
+        tokens = trunk.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [N, G^2, 1024] (no patch norm)
+        tokens = torch.cat([trunk.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = trunk.norm_pre(trunk.patch_drop(trunk.pos_drop(tokens + self._pos_embed(x.shape[2], x.shape[3]))))
+        checkpointed = getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled()
+        for block in trunk.blocks:  # block checkpointing (encoder.grad_checkpointing) as timm's forward does it
+            tokens = (torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False) if checkpointed
+                      else block(tokens))
+        return trunk.norm(tokens)  # [N, T, 1024]
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, 768]
 
 
 class TruncatedResNet(nn.Module):
@@ -112,6 +182,12 @@ def _conch(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) 
     return ConchVisual(trunk)
 
 
+def _conch_v15(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
+    trunk = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", drop_path_rate=drop_path_rate,
+                              **kwargs)
+    return ConchV15Visual(trunk)
+
+
 def _resnet50_trunc(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate: float) -> nn.Module:
     return TruncatedResNet(timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
                                              **kwargs))
@@ -120,6 +196,7 @@ def _resnet50_trunc(timm: Any, arch: str, kwargs: dict[str, Any], drop_path_rate
 #: Recipe ``builder`` -> (timm module, timm architecture, kwargs, drop_path_rate) -> network.
 BUILDERS: dict[str, Callable[[Any, str, dict[str, Any], float], nn.Module]] = {
     "conch": _conch,
+    "conch_v15": _conch_v15,
     "resnet50_trunc": _resnet50_trunc,
     "ctranspath": _ctranspath,
 }

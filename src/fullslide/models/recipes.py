@@ -166,6 +166,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "module", 512, 0.5, ("pytorch_model.bin",), layout="conch", interpolation="bicubic", builder="conch",
            source="https://huggingface.co/MahmoodLab/CONCH", params_m=87.6,
            notes="512-d image embedding before the contrastive projection (as the card and TRIDENT extract it)"),
+    # https://huggingface.co/MahmoodLab/conchv1_5 (TITAN's tile encoder; vision tower as TRIDENT builds it): ViT-L/16
+    # with LayerScale built for 224 px, file position embedding resampled to 14 x 14, DINO-style bicubic
+    # interpolation to the 448 px input (Resize(448, bilinear) + CenterCrop(448), ImageNet mean/std); embedding:
+    # attentional pooler (1 query, 8 heads, 768-d, to_q/to_kv/to_out) + ln_contrast. TITAN: 512-px tiles at 20x
+    Recipe("conch-v1.5", "vit_large_patch16_224", _frozen(img_size=224, init_values=1.0), *IMAGENET, 448, True,
+           "module", 768, 0.5, ("pytorch_model_vision.bin",), layout="conch_v15", builder="conch_v15",
+           source="https://huggingface.co/MahmoodLab/conchv1_5", aliases=("conch_v15", "conchv1_5"), params_m=306.1,
+           notes="TITAN's tile encoder (TITAN takes 512-px tiles at 20x); 768-d pooled image embedding"),
     # https://huggingface.co/paige-ai/Virchow: class token + mean of the 256 patch tokens = 2560; timm transform
     # of the card's config: bicubic
     Recipe("virchow", "vit_huge_patch14_224", _frozen(img_size=224, init_values=1e-5, mlp_ratio=5.3375,

@@ -140,6 +140,27 @@ def conch_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | Non
     return kept or dict(state)
 
 
+#: CONCH v1.5's card builds its ViT-L/16 for 224 px (a 14 x 14 grid) and resamples the file's position embedding to it.
+_CONCH_V15_GRID = 14
+
+
+def conch_v15_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """CONCH v1.5's ``pytorch_model_vision.bin`` (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``): the
+    trunk's position embedding resampled to the 14 x 14 grid as the card does when it loads the file (bilinear,
+    no antialiasing; the class token's row kept)."""
+    out = dict(state)
+    pos = out.get("trunk.pos_embed")
+    if pos is not None and pos.dim() == 3:
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        if side * side == pos.shape[1] - 1 and side != _CONCH_V15_GRID:
+            grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+            grid = torch.nn.functional.interpolate(grid, size=(_CONCH_V15_GRID, _CONCH_V15_GRID), mode="bilinear",
+                                                   align_corners=False, antialias=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(1, _CONCH_V15_GRID**2, -1).to(pos.dtype)
+            out["trunk.pos_embed"] = torch.cat([pos[:, :1], grid], dim=1)
+    return out
+
+
 #: CHIEF_pretraining.pth: the slide encoder is ``attention_net``; the rest are pretraining heads and text parts.
 def chief_slide_encoder(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """CHIEF's pretraining file -> its slide encoder's tensors (``attention_net.*``)."""
@@ -185,6 +206,7 @@ def timm_layout(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None
 CONVERTERS: dict[str, Callable[[Mapping[str, torch.Tensor], dict[str, str] | None], dict[str, torch.Tensor]]] = {
     "timm": timm_layout,
     "conch": conch_visual,
+    "conch_v15": conch_v15_visual,
     "hf_vit": hf_to_timm,
     "hf_dinov2": hf_to_timm,
     "resnet_trunc": resnet_trunc,
