@@ -273,6 +273,43 @@ def test_conch_v15_gives_the_cards_768_d_embedding(tmp_path: Path) -> None:
         assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
 
 
+def test_h0_mini_is_built_from_its_hub_config_as_the_card_does(tmp_path: Path) -> None:
+    """H0-mini's card: ``timm.create_model("hf-hub:bioptimus/H0-mini", mlp_layer=SwiGLUPacked, act_layer=SiLU)`` and
+    ``create_transform(**resolve_data_config(model.pretrained_cfg, model=model))``, class token. Here the hub config
+    is written with a crop_pct below 1 and a mean/std of its own (not the record's), so the resize, the crop and the normalisation that
+    fullslide takes from it are checked; the card's transform is timm's own (applied to tensors)."""
+    import json
+
+    from timm.data import create_transform, resolve_data_config
+
+    config = {"architecture": "vit_base_patch14_reg4_dinov2",
+              "model_args": {"img_size": 224, "num_classes": 0, "global_pool": "", "mlp_ratio": 3.0},
+              "pretrained_cfg": {"mean": [0.6, 0.5, 0.65], "std": [0.25, 0.2, 0.15], "interpolation": "bicubic",
+                                 "crop_pct": 0.875, "crop_mode": "center", "input_size": [3, 224, 224]}}
+    torch.manual_seed(7)
+    args = {k: v for k, v in config["model_args"].items() if k != "num_classes"}
+    card = _make_input_matter(timm.create_model(config["architecture"], pretrained=False, num_classes=0, depth=1,
+                                                mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, **args)).eval()
+    card.pretrained_cfg = {**card.pretrained_cfg, **config["pretrained_cfg"]}
+    steps = [t for t in create_transform(**resolve_data_config(card.pretrained_cfg, model=card)).transforms
+             if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
+    assert [type(t).__name__ for t in steps] == ["Resize", "CenterCrop"] and steps[0].size in (256, [256])
+    weights = _save(card.state_dict(), tmp_path / "H0-mini" / "model.safetensors")
+    (weights.parent / "config.json").write_text(json.dumps(config))
+    for tile_px in (224, 288):
+        encoder = _fullslide_encoder(tmp_path, "h0-mini", weights, tile_px, {"depth": 1})
+        tiles = _tiles(tile_px)
+        with torch.no_grad():
+            ours = encoder(tiles)
+            norm = (config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"])
+            want = card(_card_input(tiles, norm, steps))[:, 0]  # timm's Resize + CenterCrop, on tensors
+        assert ours.shape == (2, 768) and float((want[0] - want[1]).abs().max()) > 1e-1
+        assert torch.allclose(ours, want, rtol=1e-4, atol=1e-4), (tile_px, float((ours - want).abs().max()))
+    (weights.parent / "config.json").unlink()
+    with pytest.raises(ModelError, match="needs the card's config.json beside the file"):
+        _fullslide_encoder(tmp_path, "h0-mini", weights, 224, {"depth": 1})
+
+
 def test_clam_truncated_resnet50_is_layer3_average_pooled(tmp_path: Path) -> None:
     """CLAM's baseline: the full ResNet-50 file (layer4 and fc included, as timm/torchvision ship it) loads; the
     features are timm's own layer3 map of the card's 224 px input, averaged."""
@@ -296,7 +333,7 @@ def test_every_recipe_has_a_card_check_and_its_stated_size() -> None:
     from fullslide.models.recipes import RECIPES
     from fullslide.models.registry import recipe_parameter_count
 
-    checked = set(CARDS) | {"conch", "conch-v1.5", "resnet50-trunc", "phikon", "phikon-v2", "ctranspath"}
+    checked = set(CARDS) | {"conch", "conch-v1.5", "h0-mini", "resnet50-trunc", "phikon", "phikon-v2", "ctranspath"}
     assert set(RECIPES) == checked, set(RECIPES) ^ checked
     assert len(RECIPES) >= 20
     for recipe in RECIPES.values():

@@ -50,7 +50,8 @@ class Recipe:
     aliases: tuple[str, ...] = field(default=())
     resize_px: int | None = None  # the card resizes to this, then centre-crops input_px (None: resize to input_px)
     interpolation: str = "bilinear"  # the card's resize kernel: bilinear or bicubic (antialiased, as on PIL images)
-    builder: str = "timm"  # "timm" (timm.create_model), or a key of fullslide.models.recipe_modules.BUILDERS
+    builder: str = "timm"  # "timm" (timm.create_model), "hub_config" (timm, from the card's config.json beside the
+    # weights: architecture, model_args, pretrained_cfg), or a key of fullslide.models.recipe_modules.BUILDERS
     params_m: float = 0.0  # parameters in millions (checked against the built network by the tests)
 
     def timm_kwargs(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -206,6 +207,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            dynamic_img_size=False), *HOPTIMUS, 224, False, "class_token", 1536, 0.5,
            ("pytorch_model.bin", "model.safetensors"), source="https://huggingface.co/bioptimus/H-optimus-1",
            params_m=1134.8),
+    # https://huggingface.co/bioptimus/H0-mini: ViT-B/14 with 4 registers distilled from H-optimus-0; the card calls
+    # timm.create_model("hf-hub:bioptimus/H0-mini", mlp_layer=SwiGLUPacked, act_layer=SiLU) and timm's transform of
+    # the hub config (its output: 1 + 4 + 256 tokens at 224 px). Built from that config.json beside the weights
+    # (architecture, model_args, pretrained_cfg mean/std/resize); this record is its shape without one
+    Recipe("h0-mini", "vit_base_patch14_reg4_dinov2", _frozen(img_size=224, **_SWIGLU), *HOPTIMUS, 224, True,
+           "class_token", 768, 0.5, ("pytorch_model.bin", "model.safetensors"), builder="hub_config",
+           interpolation="bicubic", source="https://huggingface.co/bioptimus/H0-mini", params_m=71.6,
+           notes="built from the card's config.json beside the weights; class token (as TRIDENT extracts it)"),
     # https://huggingface.co/owkin/phikon: transformers ViTModel (ViT-B/16), last_hidden_state[:, 0]
     Recipe("phikon", "vit_base_patch16_224", _frozen(img_size=224, norm_eps=1e-12), *IMAGENET, 224, False,
            "class_token", 768, 0.5, ("pytorch_model.bin", "model.safetensors"), layout="hf_vit",

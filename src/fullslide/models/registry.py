@@ -149,6 +149,8 @@ def _create_recipe(recipe: Recipe, *, weights: str | Path | None, drop_path_rate
     from fullslide.models._timm_compat import import_timm
 
     timm = import_timm()
+    if recipe.builder == "hub_config":
+        recipe = recipe_from_hub_config(recipe, weights)
     try:
         model = build_recipe_network(timm, recipe, overrides, drop_path_rate=drop_path_rate)
     except Exception as exc:
@@ -165,7 +167,7 @@ def build_recipe_network(timm: Any, recipe: Recipe, overrides: dict[str, Any] | 
                          drop_path_rate: float = 0.0) -> nn.Module:
     """The network of a recipe (random weights): ``timm.create_model`` or the recipe's builder."""
     kwargs = recipe.timm_kwargs(overrides)
-    if recipe.builder == "timm":
+    if recipe.builder in ("timm", "hub_config"):  # hub_config without its config: the record's shape
         return timm.create_model(recipe.arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
                                  **kwargs)
     from fullslide.models.recipe_modules import BUILDERS
@@ -197,6 +199,36 @@ def _hub_config(name: str, weights: str | Path) -> tuple[str, dict[str, Any], di
         raise ModelError(f"encoder '{name}' with the local file {weights}: fullslide makes no network call, so it "
                          f"needs the card's config.json beside the file ({config}: {exc}); or name a recipe "
                          "(`fullslide encoders`) or a timm architecture") from None
+
+
+#: What ``timm.create_model`` of an ``hf-hub:`` card adds to the config's ``model_args`` (fullslide sets these).
+_SET_BY_FULLSLIDE = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "drop_path_rate")
+
+
+def recipe_from_hub_config(recipe: Recipe, weights: str | Path | None) -> Recipe:
+    """A ``hub_config`` recipe specialised by the card's ``config.json`` beside ``weights``: its architecture and
+    ``model_args`` plus the layer classes the card's ``create_model`` call adds (the record's ``mlp_layer``,
+    ``act_layer``), and timm's eval transform of its ``pretrained_cfg`` (mean/std; resize to
+    ``floor(input / crop_pct)`` with its interpolation, then centre crop). Without weights: the record."""
+    import dataclasses
+    import math
+
+    if weights is None:
+        return recipe
+    arch, model_args, cfg = _hub_config(recipe.name, weights)
+    extra = {k: v for k, v in recipe.kwargs.items() if k in ("mlp_layer", "act_layer", "norm_layer")}
+    kwargs = {**{k: v for k, v in model_args.items() if k not in _SET_BY_FULLSLIDE}, **extra}
+    input_px = int((cfg.get("input_size") or [3, kwargs.get("img_size", recipe.input_px)])[-1])
+    interpolation = str(cfg.get("interpolation", recipe.interpolation))
+    if interpolation not in ("bilinear", "bicubic") or cfg.get("crop_mode", "center") != "center":
+        raise ModelError(f"encoder '{recipe.name}': its config.json asks for a {interpolation} resize with crop mode "
+                         f"{cfg.get('crop_mode')}; fullslide reproduces bilinear/bicubic with a centre crop")
+    crop_pct = float(cfg.get("crop_pct", 1.0))
+    resize = math.floor(input_px / crop_pct)
+    mean, std = tuple(cfg.get("mean", recipe.mean)), tuple(cfg.get("std", recipe.std))
+    return dataclasses.replace(recipe, arch=arch, kwargs=kwargs, input_px=input_px, mean=mean, std=std,
+                               interpolation=interpolation, resize_px=resize if resize != input_px else None,
+                               builder="timm")
 
 
 def _create_timm(name: str, *, tile_px: int, drop_rate: float, drop_path_rate: float,
