@@ -47,12 +47,13 @@ class AttentionalPool(nn.Module):
 
 class ConchVisual(nn.Module):
     """CONCH's trunk + contrastive attentional pooler + ``ln_contrast`` (keys as in the card's file, less
-    ``visual.``)."""
+    ``visual.``); ``pool_cls`` is the pooler's layout (CONCH's ``nn.MultiheadAttention``, v1.5's separate
+    projections)."""
 
-    def __init__(self, trunk: nn.Module, dim: int = 512, heads: int = 8) -> None:
+    def __init__(self, trunk: nn.Module, dim: int = 512, heads: int = 8, pool_cls: type = AttentionalPool) -> None:
         super().__init__()
         self.trunk = trunk
-        self.attn_pool_contrast = AttentionalPool(dim, int(trunk.num_features), heads, 1)
+        self.attn_pool_contrast = pool_cls(dim, int(trunk.num_features), heads, 1)
         self.ln_contrast = nn.LayerNorm(dim)
         self.num_features = dim
         self.num_prefix_tokens = int(getattr(trunk, "num_prefix_tokens", 1))
@@ -61,7 +62,7 @@ class ConchVisual(nn.Module):
         return self.trunk.forward_features(x)  # [N, T, 768], after the trunk's final norm
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, 512]
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, dim]
 
 
 class QueryPool(nn.Module):
@@ -87,16 +88,11 @@ class QueryPool(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
-class ConchV15Visual(nn.Module):
+class ConchV15Visual(ConchVisual):
     """CONCH v1.5's vision tower (module docstring; keys as in ``pytorch_model_vision.bin``)."""
 
     def __init__(self, trunk: nn.Module, dim: int = 768, heads: int = 8) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.attn_pool_contrast = QueryPool(dim, int(trunk.num_features), heads, 1)
-        self.ln_contrast = nn.LayerNorm(dim)
-        self.num_features = dim
-        self.num_prefix_tokens = 1
+        super().__init__(trunk, dim, heads, pool_cls=QueryPool)
 
     def _pos_embed(self, height: int, width: int) -> torch.Tensor:
         """The trunk's position embedding for an input of ``height x width`` px, as the card's iBOT ViT computes
@@ -121,9 +117,6 @@ class ConchV15Visual(nn.Module):
             tokens = (torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False) if checkpointed
                       else block(tokens))
         return trunk.norm(tokens)  # [N, T, 1024]
-
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])  # [N, 768]
 
 
 class TruncatedResNet(nn.Module):
