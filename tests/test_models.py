@@ -116,6 +116,14 @@ def test_weights_never_unpickle_arbitrary_objects(tmp_path: Path) -> None:
         pickle.dump({"state_dict": _Evil()}, fh, protocol=2)
     with pytest.raises(ModelError, match="evil.pth: cannot load weights safely"):
         read_tensors(path)
+    # a training checkpoint with its arguments pickled beside the tensors: refused, with the one-time conversion
+    import argparse
+
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "ckpt.pth")
+    with pytest.raises(ModelError, match=r"ckpt.pth: cannot load weights safely .*save its tensors once as "
+                                         r"\.safetensors: .*ckpt\.safetensors") as caught:
+        read_tensors(tmp_path / "ckpt.pth")
+    assert "\x1b" not in str(caught.value)
 
 
 def test_mismatched_and_missing_weights_are_clear_errors(tmp_path: Path) -> None:

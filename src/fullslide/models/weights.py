@@ -43,7 +43,14 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unsafe pickles and corrupt files both land here
-        raise ModelError(f"{path}: cannot load weights safely ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        hint = ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):  # tensors next to pickled objects
+            hint = (" - the file pickles objects besides its tensors (training arguments, ...); if you trust it, save "
+                    "its tensors once as .safetensors: python -c \"import torch; from safetensors.torch import "
+                    f"save_file; s = torch.load('{path}', weights_only=False); save_file(s.get('model', s), "
+                    f"'{path.with_suffix('.safetensors')}')\"")
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[:1]  # torch's message is coloured
+        raise ModelError(f"{path}: cannot load weights safely ({type(exc).__name__}: {''.join(first)}){hint}") from exc
     return _unwrap(obj, path)
 
 
