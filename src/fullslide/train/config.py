@@ -81,9 +81,11 @@ class EncoderConfig:
 class AggregatorConfig:
     """The MIL aggregator."""
 
-    name: str = _f("gma", "gma, abmil, mean, max, transformer, chief (CHIEF's slide encoder) or package.module:callable")
+    name: str = _f("gma", "gma, abmil, mean, max, transformer, chief (CHIEF's slide encoder), gigapath-slide "
+                        "(Prov-GigaPath's) or package.module:callable")
     lr: float = _f(1e-4, "peak learning rate of the aggregator")
-    weights: str | None = _f(None, "a slide encoder's released weights (chief: CHIEF_pretraining.pth); never downloaded")
+    weights: str | None = _f(None, "a slide encoder's released weights (chief: CHIEF_pretraining.pth; gigapath-slide: "
+                              "slide_encoder.pth); never downloaded")
     kwargs: dict[str, Any] = _f(None, "extra keyword arguments (e.g. dropout, hidden)", factory=dict)
 
 
