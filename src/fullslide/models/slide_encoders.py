@@ -264,7 +264,7 @@ class GigaPathSlideEncoder(nn.Module):
         fullslide's positions (level-0 x, y in tiles); an error beyond the 1000 x 1000 grid."""
         cell = torch.floor(positions.double() * self.scale + 1e-6).long()
         index = cell[:, 0] * self.grid + cell[:, 1]
-        if bool((cell < 0).any()) or int(index.max()) >= self.grid * self.grid:
+        if index.numel() and (bool((cell < 0).any()) or int(index.max()) >= self.grid * self.grid):
             raise ValueError(f"gigapath-slide: tile positions beyond GigaPath's {self.grid} x {self.grid} grid of "
                              f"{GIGAPATH_CELL_PX:.0f}-px cells (is tile_level0_px right?)")
         return index // self.grid, index % self.grid  # as the released table is indexed by `index`
