@@ -226,8 +226,9 @@ def _conch_v15_card(tmp_path: Path):
     torch.manual_seed(6)
     trunk = _make_input_matter(timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0,
                                                  global_pool="", img_size=224, init_values=1.0, depth=1)).eval()
-    pool = nn.ModuleDict({"ln_q": nn.LayerNorm(768), "ln_k": nn.LayerNorm(1024), "to_q": nn.Linear(768, 768, bias=False),
-                          "to_kv": nn.Linear(1024, 1536, bias=False), "to_out": nn.Linear(768, 768, bias=False)})
+    pool = nn.ModuleDict({"ln_q": nn.LayerNorm(768), "ln_k": nn.LayerNorm(1024),
+                          "to_q": nn.Linear(768, 768, bias=False), "to_kv": nn.Linear(1024, 1536, bias=False),
+                          "to_out": nn.Linear(768, 768, bias=False)})
     query, ln_contrast = nn.Parameter(torch.randn(1, 768)), nn.LayerNorm(768)
     with torch.no_grad():
         for p in list(pool.parameters()) + list(ln_contrast.parameters()):
@@ -239,7 +240,8 @@ def _conch_v15_card(tmp_path: Path):
         trunk.pos_embed.copy_(torch.cat([file_pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 196, 1024)], 1))
     state = {**{f"trunk.{k}": v for k, v in trunk.state_dict().items()}, "trunk.pos_embed": file_pos,
              **{f"attn_pool_contrast.{k}": v for k, v in pool.state_dict().items()},
-             "attn_pool_contrast.query": query.detach(), **{f"ln_contrast.{k}": v for k, v in ln_contrast.state_dict().items()}}
+             "attn_pool_contrast.query": query.detach(),
+             **{f"ln_contrast.{k}": v for k, v in ln_contrast.state_dict().items()}}
 
     def card(x: torch.Tensor) -> torch.Tensor:
         b, _, w, h = x.shape
@@ -276,8 +278,8 @@ def test_conch_v15_gives_the_cards_768_d_embedding(tmp_path: Path) -> None:
 def test_h0_mini_is_built_from_its_hub_config_as_the_card_does(tmp_path: Path) -> None:
     """H0-mini's card: ``timm.create_model("hf-hub:bioptimus/H0-mini", mlp_layer=SwiGLUPacked, act_layer=SiLU)`` and
     ``create_transform(**resolve_data_config(model.pretrained_cfg, model=model))``, class token. Here the hub config
-    is written with a crop_pct below 1 and a mean/std of its own (not the record's), so the resize, the crop and the normalisation that
-    fullslide takes from it are checked; the card's transform is timm's own (applied to tensors)."""
+    is written with a crop_pct below 1 and a mean/std of its own (not the record's), so the resize, the crop and
+    the normalisation that fullslide takes from it are checked; the card's transform is timm's own (on tensors)."""
     import json
 
     from timm.data import create_transform, resolve_data_config

@@ -159,7 +159,8 @@ def test_the_visibility_the_card_is_checked_with_is_longnets() -> None:
     # ratio 1: segments {0..3} and {4, 5 + two zero keys}; ratio 2: head 0 takes offsets 0, 2, head 1 offsets 1, 3
     assert count[0, 0].tolist() == [2, 1, 2, 1, 0, 0] and count[1, 1].tolist() == [1, 2, 1, 2, 0, 0]
     assert count[0, 1].tolist() == [1, 1, 1, 1, 0, 0]  # token 1 is not in head 0's ratio-2 set
-    assert count[1, 5].tolist() == [0, 0, 0, 0, 1, 2] and pads[1, 5] == 2 + 1  # 2 pads (ratio 1) + 1 (ratio 2, offset 3)
+    # token 5 sees 2 zero keys in the ratio-1 segment and 1 (offset 3 of the padded ratio-2 segment)
+    assert count[1, 5].tolist() == [0, 0, 0, 0, 1, 2] and pads[1, 5] == 2 + 1
     assert count[0, 4].tolist() == [0, 0, 0, 0, 2, 1] and pads[0, 4] == 2 + 1
 
 
@@ -260,7 +261,8 @@ def test_gigapath_slide_file_errors_name_the_key(tmp_path: Path) -> None:
     del state["encoder.layers.1.self_attn.inner_attn_ln.weight"]
     path = tmp_path / "slide_encoder.pth"
     torch.save({"model": state}, path)
-    with pytest.raises(ModelError, match=r"missing from the file \(encoder\.layers\.1\.self_attn\.inner_attn_ln\.weight\)"):
+    missing = r"missing from the file \(encoder\.layers\.1\.self_attn\.inner_attn_ln\.weight\)"
+    with pytest.raises(ModelError, match=missing):
         create_model("tinycnn", "gigapath-slide", 3, encoder_kwargs={"width": 8}, aggregator_kwargs=_SMALL,
                      aggregator_weights=path)
     with pytest.raises(ModelError, match="patch_embed.proj.weight' has shape"):  # 1536-d tile features expected

@@ -214,10 +214,11 @@ class GigaPathSlideEncoder(nn.Module):
     input embedding, i = after layer i; without ``encoder.layer_norm``, as ``all_layer_embed=True`` does), each
     through ``norm``, concatenated; layers after the last listed one are not built (their file tensors are
     skipped). ``checkpoint_layers``: keep only each layer's input for the backward and re-run the layer there (its
-    attention scores are the memory: ~21 L scores per token for L <= 1024 tokens, up to ~140 thousand per token
-    beyond), so one layer's scores are held at a time instead of all of them. ``sort_tiles``: order the tiles by GigaPath's position index before the encoder (dilated attention
-    depends on the order; sorting makes the slide's embedding independent of how its tiles were sampled or
-    sharded); the heatmap comes back in the input order.
+    attention scores are the memory: ~21 L scores per token for L <= 1024 tokens, ~53 thousand per token at
+    10,000), so one layer's scores are held at a time instead of all of them. ``sort_tiles``: order the tiles by
+    GigaPath's position index before the encoder (dilated attention depends on the order; sorting makes the
+    slide's embedding independent of how its tiles were sampled or sharded); the heatmap comes back in the input
+    order.
     """
 
     uses_positions = True
@@ -238,8 +239,8 @@ class GigaPathSlideEncoder(nn.Module):
             raise ValueError(f"gigapath-slide: layers must be in 0..{depth}, got {layers}")
         built = depth if self.layers_out is None else self.layers_out[-1]
         self.depth = int(depth)
-        self.dim, self.grid, self.global_pool, self.sort_tiles = dim, int(slide_ngrids), bool(global_pool), bool(sort_tiles)
-        self.checkpoint_layers = bool(checkpoint_layers)
+        self.dim, self.grid, self.global_pool = dim, int(slide_ngrids), bool(global_pool)
+        self.sort_tiles, self.checkpoint_layers = bool(sort_tiles), bool(checkpoint_layers)
         self.scale = float(tile_level0_px) / GIGAPATH_CELL_PX
         self.patch_embed = _PatchEmbed(in_dim, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -257,7 +258,8 @@ class GigaPathSlideEncoder(nn.Module):
         """The released file's tensors this configuration does not use (layers after the last in ``layers``)."""
         if self.layers_out is None:
             return ()
-        return tuple(f"encoder.layers.{i}." for i in range(len(self.encoder.layers), self.depth)) + ("encoder.layer_norm.",)
+        unbuilt = range(len(self.encoder.layers), self.depth)
+        return tuple(f"encoder.layers.{i}." for i in unbuilt) + ("encoder.layer_norm.",)
 
     def cells(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GigaPath's grid cell (row = floor(x/256), col = floor(y/256)) of each tile ``[K]``, ``[K]`` from
@@ -269,8 +271,7 @@ class GigaPathSlideEncoder(nn.Module):
                              f"{GIGAPATH_CELL_PX:.0f}-px cells (is tile_level0_px right?)")
         return index // self.grid, index % self.grid  # as the released table is indexed by `index`
 
-    def _tokens(self, feats: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        rows, cols = self.cells(positions)
+    def _tokens(self, feats: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(feats) + sincos_grid_embedding(rows, cols, self.dim).to(feats.dtype)
         return self.embed_dropout(torch.cat([self.cls_token[0].to(x.dtype), x], dim=0))  # [1 + K, D]
 
@@ -279,11 +280,11 @@ class GigaPathSlideEncoder(nn.Module):
         ``[K]`` (in the order given): the class token's last-layer attention affinity
         (:meth:`DilatedSelfAttention.first_token_affinity`), renormalised over the tiles."""
         order = None
+        rows, cols = self.cells(positions)
         if self.sort_tiles:
-            rows, cols = self.cells(positions)
             order = torch.argsort(rows * self.grid + cols, stable=True)
-            feats, positions = feats[order], positions[order]
-        x = self._tokens(feats, positions)
+            feats, rows, cols = feats[order], rows[order], cols[order]
+        x = self._tokens(feats, rows, cols)
         states = [x]
         attention = None
         for i, layer in enumerate(self.encoder.layers):

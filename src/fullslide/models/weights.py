@@ -151,7 +151,8 @@ def conch_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | Non
 _CONCH_V15_GRID = 14
 
 
-def conch_v15_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def conch_v15_visual(state: Mapping[str, torch.Tensor], origin: dict[str, str] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """CONCH v1.5's ``pytorch_model_vision.bin`` (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``): the
     trunk's position embedding resampled to the 14 x 14 grid as the card does when it loads the file (bilinear,
     no antialiasing; the class token's row kept)."""
