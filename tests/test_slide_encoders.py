@@ -272,3 +272,43 @@ def test_gigapath_slide_file_errors_name_the_key(tmp_path: Path) -> None:
                        aggregator_kwargs={**_SMALL, "slide_ngrids": 4}).aggregator
     with pytest.raises(ValueError, match="beyond GigaPath's 4 x 4 grid"):
         agg(*_tiles(5, 32, 40))
+
+
+def _saved_bytes(agg, rows: int) -> int:
+    """What autograd keeps for the backward of one forward over ``rows`` tiles (saved-tensor hooks)."""
+    from fullslide.engine.memory import SavedTensorMeter
+
+    side = int(rows**0.5) + 2
+    cells = torch.randperm(side * side, generator=torch.Generator().manual_seed(rows))[:rows]
+    positions = torch.stack([cells // side, cells % side], 1).float()
+    meter = SavedTensorMeter()
+    with meter:
+        out = agg(torch.zeros(rows, 96, requires_grad=True), positions)  # held: its graph keeps what is saved
+    held = meter.current_bytes
+    del out
+    return held
+
+
+def test_gigapath_activation_model_matches_autograd_and_feeds_the_memory_plan() -> None:
+    """``activation_bytes`` (what ``mode: auto`` and ``fullslide plan`` budget for the slide encoder) against the
+    bytes autograd saves: every layer's graph, and checkpointed layers = their inputs + one layer re-run in the
+    backward; the engine's probe takes the slide encoder's own model, which grows faster than its rows."""
+    from fullslide.engine.budget import probe_encoder
+    from fullslide.models.slide_encoders import GigaPathSlideEncoder
+
+    small = dict(dim=64, heads=8, segment_length=[16, 64, 4096], dilated_ratio=[1, 2, 4], dropout=0.0)
+    for kwargs in ({}, small):  # the card's 768-d, 16 heads, 5 branches; and a narrow one with segments < rows
+        make = lambda depth, ck: GigaPathSlideEncoder(96, 2, depth=depth, checkpoint_layers=ck,  # noqa: E731
+                                                      **{"dropout": 0.0, **kwargs}).train()
+        two, one, checkpointed = make(2, False), make(1, False), make(2, True)
+        for rows in (60, 400):
+            kept = _saved_bytes(two, rows)
+            assert 1.0 <= two.activation_bytes(rows) / kept <= 1.25, (kwargs, rows)
+            rerun = kept - _saved_bytes(one, rows)  # one layer's graph
+            truth = _saved_bytes(checkpointed, rows) + rerun
+            assert 1.0 <= checkpointed.activation_bytes(rows) / truth <= 1.3, (kwargs, rows)
+    model = create_model("tinycnn", "gigapath-slide", 2, encoder_kwargs={"width": 24}, aggregator_kwargs=small)
+    probe = probe_encoder(model.encoder, torch.zeros(4, 3, 16, 16, dtype=torch.uint8), device=torch.device("cpu"),
+                          amp_dtype=None, aggregator=model.aggregator)
+    assert probe.aggregator_bytes(3000) == model.aggregator.activation_bytes(3000)
+    assert probe.aggregator_bytes(3000) > 1.5 * 3000 * probe.aggregator_bytes_per_tile  # not linear in the rows

@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,9 +42,18 @@ class Probe:
     source: str  # "cuda allocator" or "saved-tensor hooks"
     aggregator_bytes_per_tile: float = 0.0  # the aggregator's activations per tile (its graph)
     graph_bytes_per_chunk: float = 0.0  # held by every chunk graph whatever its size (autocast's weight copies)
+    #: the aggregator's own model of its activations for a number of rows, where it has one (a slide encoder whose
+    #: attention grows faster than its rows); otherwise rows x aggregator_bytes_per_tile
+    aggregator_bytes_fn: Callable[[int], float] | None = field(default=None, compare=False, repr=False)
 
     def chunk_graph_bytes(self, tiles: int) -> float:
         return self.graph_bytes_per_chunk + tiles * self.graph_bytes_per_tile
+
+    def aggregator_bytes(self, rows: int) -> float:
+        """The aggregator's activations over ``rows`` tile rows."""
+        if self.aggregator_bytes_fn is not None and rows > 0:
+            return float(self.aggregator_bytes_fn(int(rows)))
+        return rows * self.aggregator_bytes_per_tile
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,8 @@ def _measure(module: nn.Module, sample: torch.Tensor, device: torch.device,
 def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.device, amp_dtype: torch.dtype | None,
                   aggregator: nn.Module | None = None) -> Probe:
     """Measure (once, then cached) the graph and transient bytes per tile of ``encoder`` on ``tiles``' shape,
-    and of ``aggregator`` per tile (on a few hundred zero features)."""
+    and of ``aggregator`` per tile (on a few hundred zero features; an aggregator with ``activation_bytes(rows)``
+    gives its own model instead)."""
     key = (tuple(tiles.shape[1:]), tiles.dtype, str(device), amp_dtype, encoder.training, id(aggregator))
     cached = _CACHE.setdefault(encoder, {})
     if key in cached:
@@ -123,8 +134,11 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
         held_small, _, _ = _measure(encoder, sample[:small], device, amp_dtype)
         per_tile = (held - held_small) / (n - small)
         per_chunk = max(0.0, held - n * per_tile)
-    agg = 0.0
-    if aggregator is not None:
+    agg, agg_fn = 0.0, None
+    if aggregator is not None and callable(getattr(aggregator, "activation_bytes", None)):
+        agg_fn = aggregator.activation_bytes  # its own model: attention that grows faster than the rows
+        agg = agg_fn(256) / 256
+    elif aggregator is not None:
         m = 256
         spatial = (torch.stack([torch.arange(m, device=device) % 16, torch.arange(m, device=device) // 16], 1).float(),
                    ) if getattr(aggregator, "uses_positions", False) else ()  # a spatial aggregator: 16-wide grid
@@ -133,7 +147,7 @@ def probe_encoder(encoder: nn.Module, tiles: torch.Tensor, *, device: torch.devi
         agg = agg_held / m
     probe = Probe(graph_bytes_per_tile=max(per_tile, 1 / n), transient_bytes_per_tile=transient,
                   feature_dim=feature_dim, source="cuda allocator" if device.type == "cuda" else "saved-tensor hooks",
-                  aggregator_bytes_per_tile=agg, graph_bytes_per_chunk=per_chunk)
+                  aggregator_bytes_per_tile=agg, graph_bytes_per_chunk=per_chunk, aggregator_bytes_fn=agg_fn)
     cached[key] = probe
     return probe
 
@@ -204,7 +218,7 @@ def activation_bytes(probe: Probe, *, kept_tiles: int, chunk_tiles: int, total_t
     if kept_chunks is None:
         kept_chunks = -(-kept_tiles // max(chunk_tiles, 1))
     kept = kept_tiles * probe.graph_bytes_per_tile + kept_chunks * probe.graph_bytes_per_chunk
-    alive = kept + max(aggregator_tiles * probe.aggregator_bytes_per_tile, chunk * probe.transient_bytes_per_tile)
+    alive = kept + max(probe.aggregator_bytes(aggregator_tiles), chunk * probe.transient_bytes_per_tile)
     recomputed = probe.chunk_graph_bytes(chunk) if kept_tiles < total_tiles else 0.0
     return int(max(alive, recomputed))
 

@@ -121,6 +121,21 @@ class DilatedSelfAttention(nn.Module):
         dense_lse = dense_lse.view(n, m * ratio, heads)[:, :s].reshape(n * s, heads)[:length]
         return dense, dense_lse
 
+    def saved_floats(self, length: int) -> float:
+        """Floats autograd saves for one forward of this attention over ``length`` tokens (float32), branch by
+        branch: the scaled queries and the output at the padded length (and the padded keys and values where the
+        sequence is padded), two per score (the scores and their softmax), the log-sum-exps; the shared keys and
+        values and the merge weights once."""
+        width = self.heads * self.head_dim
+        floats = 2.0 * length * width + 3.0 * len(self.segments) * length * self.heads
+        for segment, ratio in zip(self.segments, self.ratios):
+            s = min(segment, length)
+            n, m = -(-length // s), -(-s // ratio)
+            padded = n * m * ratio  # the branch's tokens after padding
+            floats += (2 + 2 * (padded > length)) * padded * width  # queries, output (+ padded keys, values)
+            floats += 2.0 * n * self.heads * m * m + n * self.heads * m  # scores, softmax; log-sum-exps
+        return floats
+
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shape = (x.shape[0], self.heads, self.head_dim)
         return self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
@@ -253,6 +268,19 @@ class GigaPathSlideEncoder(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
         width = dim * (1 if self.layers_out is None else len(self.layers_out))
         self.head = nn.Linear(width, n_classes)
+
+    def activation_bytes(self, rows: int) -> float:
+        """Bytes of float32 activations autograd holds for one slide of ``rows`` tiles (the engine's ``auto``
+        budget and ``fullslide plan`` use it): per layer the attention's (:meth:`DilatedSelfAttention.saved_floats`)
+        plus 19 L x dim floats (norms, projections, the FFN's three 4 x dim tensors); with ``checkpoint_layers``
+        every layer's input and one layer re-run in the backward, else every layer. Checked against autograd's
+        saved tensors (tests/test_slide_encoders.py)."""
+        length = int(rows) + 1
+        built = len(self.encoder.layers)
+        layer = (self.encoder.layers[0].self_attn.saved_floats(length) + 19.0 * length * self.dim) if built else 0.0
+        embed = length * (self.patch_embed.proj.in_features + self.dim)
+        floats = embed + (built * length * self.dim + layer if self.checkpoint_layers else built * layer)
+        return 4.0 * floats
 
     def unused_file_prefixes(self) -> tuple[str, ...]:
         """The released file's tensors this configuration does not use (layers after the last in ``layers``)."""

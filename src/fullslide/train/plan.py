@@ -117,7 +117,7 @@ def plan_config(config: Any, *, k: int | None = None, device_memory: str | None 
             rows = max(0, context_tiles - k)
             agg_rows = context_tiles if not streams or mode in ("full", "checkpoint", "auto") else min(
                 context_tiles, AGGREGATOR_CHUNK_TILES)
-            extra = train.slides_per_step * int(rows * probe.feature_dim * 4 + agg_rows * probe.aggregator_bytes_per_tile)
+            extra = train.slides_per_step * int(rows * probe.feature_dim * 4 + probe.aggregator_bytes(agg_rows))
             act, total_bytes = act + extra, total_bytes + extra
         modes.append(ModePlan(mode, act, total_bytes, largest, compute))
     return PlanReport(k=k, tiles_per_rank=tiles, tile_px=px, chunk_tiles=chunk, budget_bytes=budget_bytes,
