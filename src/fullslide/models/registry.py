@@ -201,7 +201,7 @@ def _hub_config(name: str, weights: str | Path) -> tuple[str, dict[str, Any], di
                          "(`fullslide encoders`) or a timm architecture") from None
 
 
-#: What ``timm.create_model`` of an ``hf-hub:`` card adds to the config's ``model_args`` (fullslide sets these).
+#: ``model_args`` keys of a hub config that fullslide sets itself when it builds the network (they would clash).
 _SET_BY_FULLSLIDE = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "drop_path_rate")
 
 
