@@ -150,6 +150,15 @@ MUTATIONS = [
              "    out[torch.as_tensor(np.sort(pick), dtype=torch.long)] =", gradient_bug=False),
     Mutation("context_keeps_sampled", "the context keeps the cached rows of the sampled tiles (those tiles twice)",
              "train/context.py", "    keep[torch.as_tensor(sampled, dtype=torch.long)] = False\n", "", gradient_bug=False),
+    # Issue 20: aggregators that see where the tiles lie (spatial aggregators, slide encoders).
+    Mutation("whole_slide_positions_reversed", "a whole-slide aggregator (ALiBi transformer, Prov-GigaPath's slide "
+             "encoder) gets its tiles' positions in reverse order", "engine/aggregate.py",
+             "return run_aggregator(aggregator, feats, positions)",
+             "return run_aggregator(aggregator, feats, None if positions is None else positions.flip(0))"),
+    Mutation("tile_stage_positions_rolled", "each tile-stage chunk of a streamed spatial aggregator gets the "
+             "positions of the row before", "engine/aggregate.py",
+             "    return None if positions is None else positions[start:stop]",
+             "    return None if positions is None else positions.roll(1, 0)[start:stop]"),
     # Defects of issue 9, put back: caught by the tests (not gradient bugs, so not check-grad's business).
     Mutation("defect_mean_attention", "mean pooling reports uniform weights in recompute, tile logits in full",
              "engine/aggregate.py", "return self.tile_scores if self.tile_scores is not None else torch.exp(",
