@@ -120,9 +120,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def cmd_check_grad(args: argparse.Namespace) -> int:
     import torch
 
+    import signal
+
     from fullslide.proof.checkgrad import CheckSpec, run_checks, tolerances
     from fullslide.proof.compare import ZERO_FLOOR
 
+    # a scheduler's (or timeout's) SIGTERM ends check-grad like Ctrl-C: its temporary folder is removed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

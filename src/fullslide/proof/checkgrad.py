@@ -316,7 +316,10 @@ def worker_main(specs_path: str, out_dir: str) -> None:
         layouts = spec.layouts(world)
         if not layouts:
             continue
-        starts = load_run(Path(out_dir) / f"ref{index}", spec.steps).starts
+        ref = load_run(Path(out_dir) / f"ref{index}", spec.steps)
+        starts = ref.starts
+        noise = json.loads((Path(out_dir) / f"ref{index}.noise.json").read_text())
+        limits = tolerances(spec.dtype, spec.tol)
         for tp in layouts:
             ctx = contexts.setdefault(tp, init_parallel(tile_parallel=tp))
             for mode in spec.modes:
@@ -339,7 +342,14 @@ def worker_main(specs_path: str, out_dir: str) -> None:
                          step_seed=seed, amp_dtype=DTYPES[spec.dtype], grad_scaler=scaler, parallel=ctx)
 
                 result = train_steps(spec, model, run, learning_rates(spec, model, reference=False), starts)
-                save_run(result, Path(out_dir) / f"s{index}_n{world}_t{tp}_{mode}_r{ctx.rank}")
+                # judged here, against the reference's file: only the verdict is written (every step's gradients
+                # and updates in float64 would take tens of GB over the suite)
+                errs, ok, worst, problems = compare_steps(result.steps, result.buffers, ref.steps, ref.buffers,
+                                                          limits, noise)
+                verdict = {"errs": list(errs), "ok": ok, "worst": worst, "problems": result.problems + problems,
+                           "peak_mb": result.peak_mb}
+                Path(out_dir, f"s{index}_n{world}_t{tp}_{mode}_r{ctx.rank}.json").write_text(json.dumps(verdict))
+        del ref, starts
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -370,6 +380,11 @@ def launch(specs: list[CheckSpec], nproc: int, out_dir: Path, timeout_s: float =
             for q in procs:
                 q.kill()
             raise RuntimeError(f"--nproc {nproc}: workers did not finish within {timeout_s:.0f} s") from exc
+        except BaseException:  # SIGTERM/Ctrl-C of check-grad: its workers go too (then the temporary folder)
+            for q in procs:
+                q.kill()
+                q.wait()
+            raise
         if p.returncode != 0:
             failures.append(f"rank {rank} exited {p.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     if failures:
@@ -382,6 +397,8 @@ def run_checks(specs: CheckSpec | list[CheckSpec], nprocs: list[int], tol: float
     configuration) and the reference(s). ``tol`` overrides every spec's tolerance."""
     single = isinstance(specs, CheckSpec)
     specs = [specs] if single else list(specs)
+    if tol is not None:  # the workers judge with each spec's tolerance
+        specs = [dataclasses.replace(s, tol=tol) for s in specs]
     rows: list[CheckRow] = []
     with tempfile.TemporaryDirectory(prefix="fullslide-checkgrad-") as tmp:
         refs = []
@@ -389,6 +406,7 @@ def run_checks(specs: CheckSpec | list[CheckSpec], nprocs: list[int], tol: float
             progress(f"check-grad: reference for {spec.name or 'the check'}")
             refs.append(reference(spec))
             save_run(refs[-1].run, Path(tmp) / f"ref{index}", starts=True)
+            (Path(tmp) / f"ref{index}.noise.json").write_text(json.dumps(refs[-1].noise))
         for nproc in nprocs:
             todo = [(i, s) for i, s in enumerate(specs) if s.layouts(nproc)]
             if not todo:
@@ -401,28 +419,24 @@ def run_checks(specs: CheckSpec | list[CheckSpec], nprocs: list[int], tol: float
                                   scenario=s.name) for _, s in todo for tp in s.layouts(nproc) for m in s.modes]
                 continue
             for index, spec in todo:
-                limits = tolerances(spec.dtype, tol if tol is not None else spec.tol)
                 for tp in spec.layouts(nproc):
                     for mode in spec.modes:
-                        rows.append(_row(spec, refs[index], Path(tmp), index, nproc, tp, mode, limits))
+                        rows.append(_row(spec, refs[index], Path(tmp), index, nproc, tp, mode))
     return rows, (refs[0] if single else refs)
 
 
-def _row(spec: CheckSpec, ref: Reference, tmp: Path, index: int, nproc: int, tp: int, mode: str,
-         limits: tuple[float, float]) -> CheckRow:
-    """The worst rank of one configuration."""
+def _row(spec: CheckSpec, ref: Reference, tmp: Path, index: int, nproc: int, tp: int, mode: str) -> CheckRow:
+    """The worst rank of one configuration, from the verdicts the ranks wrote."""
     worst_errs, worst_name, problems, peak, ok = (0.0, 0.0, 0.0), "", [], 0.0, True
     for rank in range(nproc):
-        run = load_run(tmp / f"s{index}_n{nproc}_t{tp}_{mode}_r{rank}", spec.steps)
-        errs, rank_ok, name, rank_problems = compare_steps(run.steps, run.buffers, ref.run.steps, ref.run.buffers,
-                                                           limits, ref.noise)
-        rank_problems = run.problems + rank_problems
-        problems += [f"rank {rank}: {p}" for p in rank_problems]
+        verdict = json.loads((tmp / f"s{index}_n{nproc}_t{tp}_{mode}_r{rank}.json").read_text())
+        errs = tuple(float(e) for e in verdict["errs"])
+        problems += [f"rank {rank}: {p}" for p in verdict["problems"]]
         if max(errs) >= max(worst_errs) or not worst_name:
-            worst_name = f"{name}@{rank}"
+            worst_name = f"{verdict['worst']}@{rank}"
         worst_errs = tuple(max(a, b) for a, b in zip(worst_errs, errs))
-        ok = ok and rank_ok and not rank_problems
-        peak = max(peak, run.peak_mb)
+        ok = ok and verdict["ok"] and not verdict["problems"]
+        peak = max(peak, float(verdict["peak_mb"]))
     if ref.problem:
         ok, problems = False, [ref.problem] + problems
     return CheckRow(nproc, tp, mode, *worst_errs, peak, ok=ok, worst=worst_name, error="; ".join(problems[:2]),
