@@ -45,6 +45,41 @@ def test_check_grad_cli_passes_and_fails_on_tolerance(capsys: pytest.CaptureFixt
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_check_grad_stopped_by_sigterm_leaves_no_folder_and_no_worker(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM mid-launch: check-grad exits 143, its workers are gone and so is its temporary folder
+    (which, while it runs, holds the references and the ranks' verdicts only)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "fullslide.cli", "check-grad", "--nproc", "2", "--mode",
+                             "full,recompute", "--steps", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("fullslide-checkgrad-*/specs_2.json")):  # the workers are being launched
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    folder = next(tmp_path.glob("fullslide-checkgrad-*"))
+    assert all(f.suffix == ".json" or f.name.startswith("ref") for f in folder.iterdir())
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert not folder.exists()
+    time.sleep(0.5)
+    workers = []  # processes whose command line names the folder (Linux /proc)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if folder.name in cmdline.read_bytes().decode(errors="replace"):
+                workers.append(cmdline.parent.name)
+        except OSError:  # a process that ended meanwhile
+            continue
+    assert workers == []
+
+
 def test_parallel_dims_validate_and_name_factors() -> None:
     with pytest.raises(ValueError, match="world_size 6 is not divisible by tile_parallel 4"):
         ParallelDims(world_size=6, tile_parallel=4)
