@@ -110,8 +110,8 @@ def test_check_grad_scenarios_match_the_reference() -> None:
     ones CI runs elsewhere, to keep CI under 15 minutes on 2 cores: ``default`` (gma; tests/test_engine_distributed.py
     runs it at 1, 2 and 4 processes, every mode) and ``abmil``/``mean``/``max`` (every mode, one process, in
     tests/test_engine_step.py). Fewer modes here, chosen so that each scenario's own paths still run: ``auto-half``
-    keeps about half the chunk graphs and recomputes the rest, so it runs both encoder paths in one mode (with
-    ``full`` beside it for the precision, fine-tuning and context scenarios; alone for resnet18); whole-slide
+    keeps about half the chunk graphs and recomputes the rest, so it runs both encoder paths in one mode (alone for
+    bfloat16, the fine-tuning and context scenarios and resnet18; with ``full`` for float16's GradScaler); whole-slide
     aggregators (transformer, alibi, chief, gigapath-slide: the same aggregator path in every mode) ``recompute``;
     positions-gma ``full`` and ``recompute`` (its tile stage with a graph and streamed); peaked the two streamed modes.
     The spatial and slide-encoder scenarios make one engine call per step (accumulation is the other scenarios'),
@@ -120,8 +120,9 @@ def test_check_grad_scenarios_match_the_reference() -> None:
 
     one_call = ("positions-gma", "alibi", "chief", "gigapath-slide")  # accumulation is the other scenarios'
     modes = ({s: ["recompute"] for s in ("transformer", "alibi", "chief", "gigapath-slide")}
-             | {s: ["full", "auto-half"] for s in ("bfloat16", "float16", "lora", "last-blocks", "context")}
-             | {"resnet18": ["auto-half"], "positions-gma": ["full", "recompute"], "peaked": ["recompute", "auto-half"]})
+             | {s: ["auto-half"] for s in ("bfloat16", "lora", "last-blocks", "context", "resnet18")}
+             | {"float16": ["full", "auto-half"], "positions-gma": ["full", "recompute"],
+                "peaked": ["recompute", "auto-half"]})
     fewer_tiles = {"resnet18": [12, 9, 5], "chief": [7, 5, 9]}  # the costliest encoders: smaller slides suffice
     specs = [dataclasses.replace(s, modes=modes.get(s.name, s.modes), tiles=fewer_tiles.get(s.name, s.tiles),
                                  steps=min(s.steps, 2),  # two teacher-forced steps: still past the first update
